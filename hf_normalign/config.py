@@ -1,0 +1,190 @@
+"""Configuration dataclasses: one per method, and `NormAlignConfig` that combines them.
+
+Every config round-trips through JSON with `to_dict` / `from_dict`; `from_dict` rejects unknown
+keys so that a checkpoint written by a newer release fails loudly instead of loading half-set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+METHODS: tuple[str, ...] = ("projector_norm", "moca", "pre")
+
+
+def _from_dict(cls: type, data: dict[str, Any]) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(
+            f"{cls.__name__} got unknown keys {unknown}; valid keys are {sorted(names)}. "
+            "The config was probably written by a newer hf-normalign: upgrade it."
+        )
+    return cls(**data)
+
+
+@dataclass
+class ProjectorNormConfig:
+    """LayerNorm on the projector output, gain initialised to the text-embedding scale, plus GWC.
+
+    Args:
+        gwc: Global Weight Compensation: in training, scale the gradient reaching the projector by
+            ``1 / max(mean|gain|, gwc_floor)`` so the small gain does not starve it.
+        target_norm: the norm ``T`` vision tokens start at; ``None`` measures the mean L2 norm of the
+            non-zero rows of the input embedding as the LLM receives it.
+        gwc_floor: lower bound of ``mean|gain|`` in the GWC factor.
+        eps: LayerNorm epsilon.
+        deepstack: Qwen3-VL only: also normalise the deepstack mergers' outputs, which are added to
+            the vision positions after the first decoder layers (each gets its own LayerNorm).
+
+    Example:
+        >>> ProjectorNormConfig(gwc=False, target_norm=1.0)
+        ProjectorNormConfig(gwc=False, target_norm=1.0, gwc_floor=0.001, eps=1e-05, deepstack=True)
+    """
+
+    gwc: bool = True
+    target_norm: float | None = None
+    gwc_floor: float = 1e-3
+    eps: float = 1e-5
+    deepstack: bool = True
+
+    def __post_init__(self) -> None:
+        if self.target_norm is not None and not self.target_norm > 0:
+            raise ValueError(f"target_norm must be positive, got {self.target_norm}")
+        if not self.gwc_floor > 0:
+            raise ValueError(f"gwc_floor must be positive, got {self.gwc_floor}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ProjectorNormConfig:
+        return _from_dict(cls, data)
+
+
+@dataclass
+class MoCaConfig:
+    """MoCa: a learnable ``h <- u * h + v`` on vision positions at the end of decoder layers.
+
+    Args:
+        init_std: 0 gives the identity (u = 1, v = 0); otherwise u ~ N(1, s), v ~ N(0, s).
+        layers: decoder layer indices to calibrate; ``None`` means every layer.
+    """
+
+    init_std: float = 0.0
+    layers: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.init_std < 0:
+            raise ValueError(f"init_std must be >= 0, got {self.init_std}")
+        if self.layers is not None:
+            self.layers = sorted({int(i) for i in self.layers})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MoCaConfig:
+        return _from_dict(cls, data)
+
+
+@dataclass
+class PReConfig:
+    """PRe: an auxiliary loss making decoder layer ``layer`` predict the LLM-input vision embeddings.
+
+    Args:
+        layer: decoder layer whose output feeds the head; ``None`` means ``num_layers // 2``.
+        weight: lambda in ``loss = LM + lambda * PRe``.
+        head_hidden_size: hidden width of the 2-layer head; ``None`` means the LLM hidden size.
+        anchor: ``"llm_input"`` (the vision embeddings as they enter the LLM, after the projector
+            and its LayerNorm) or ``"encoder_output"`` (the projector input; ablation).
+    """
+
+    ANCHORS: ClassVar[tuple[str, ...]] = ("llm_input", "encoder_output")
+
+    layer: int | None = None
+    weight: float = 0.5
+    head_hidden_size: int | None = None
+    anchor: Literal["llm_input", "encoder_output"] = "llm_input"
+
+    def __post_init__(self) -> None:
+        if self.anchor not in self.ANCHORS:
+            raise ValueError(f"PReConfig.anchor must be one of {self.ANCHORS}, got {self.anchor!r}")
+        if self.weight < 0:
+            raise ValueError(f"PReConfig.weight must be >= 0, got {self.weight}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PReConfig:
+        return _from_dict(cls, data)
+
+
+_METHOD_CONFIGS: dict[str, type] = {
+    "projector_norm": ProjectorNormConfig,
+    "moca": MoCaConfig,
+    "pre": PReConfig,
+}
+
+
+@dataclass
+class NormAlignConfig:
+    """Which interventions to apply, each ``False`` (off), ``True`` (defaults) or its own config.
+
+    Example:
+        >>> cfg = NormAlignConfig(projector_norm=True, moca=MoCaConfig(layers=[0, 1]))
+        >>> cfg.methods
+        ['projector_norm', 'moca']
+        >>> NormAlignConfig.from_dict(cfg.to_dict()) == cfg
+        True
+    """
+
+    projector_norm: ProjectorNormConfig | bool | None = None
+    moca: MoCaConfig | bool | None = None
+    pre: PReConfig | bool | None = None
+
+    def __post_init__(self) -> None:
+        for name, cls in _METHOD_CONFIGS.items():
+            value = getattr(self, name)
+            if value is True:
+                value = cls()
+            elif value is False or value is None:
+                value = None
+            elif isinstance(value, dict):
+                value = cls.from_dict(value)
+            elif not isinstance(value, cls):
+                raise TypeError(f"NormAlignConfig.{name} must be a bool or {cls.__name__}, got {value!r}")
+            setattr(self, name, value)
+
+    @classmethod
+    def from_methods(cls, methods: str | list[str] | tuple[str, ...], **overrides: Any) -> NormAlignConfig:
+        """Build a config from method names; ``overrides`` may pass a method's own config."""
+        names = [methods] if isinstance(methods, str) else list(methods)
+        unknown = [m for m in names if m not in METHODS]
+        if unknown:
+            raise ValueError(f"Unknown method(s) {unknown}; the methods are {list(METHODS)}.")
+        bad = sorted(set(overrides) - set(METHODS))
+        if bad:
+            raise ValueError(f"Unknown override(s) {bad}; pass configs for {list(METHODS)}.")
+        kwargs: dict[str, Any] = {m: True for m in names}
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    @property
+    def methods(self) -> list[str]:
+        return [m for m in METHODS if getattr(self, m) is not None]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {m: (getattr(self, m).to_dict() if getattr(self, m) is not None else None) for m in METHODS}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> NormAlignConfig:
+        unknown = sorted(set(data) - set(METHODS))
+        if unknown:
+            raise ValueError(
+                f"NormAlignConfig got unknown methods {unknown}; known: {list(METHODS)}. "
+                "The config was probably written by a newer hf-normalign: upgrade it."
+            )
+        return cls(**{m: data.get(m) for m in METHODS})
