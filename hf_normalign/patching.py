@@ -111,14 +111,15 @@ class NormAlignModules(nn.Module):
         return self.config.pre is not None and self.has_vision and (self.training or self.labels_given)
 
 
-
 # --- hooks (module-level functions; `ref` is a weak reference to the NormAlignModules) ----------
 
 
 def _root_pre_hook(ref, module, args, kwargs):
     plugin = ref()
     plugin.labels_given = kwargs.get("labels") is not None
-    plugin.last_pre_loss = None
+    # A batch without vision tokens contributes an explicit 0 (the layer hook overwrites it).
+    computes = plugin.training or plugin.labels_given
+    plugin.last_pre_loss = plugin.pre_head.fc1.weight.new_zeros(()) if computes else None
 
 
 def _root_post_hook(ref, module, args, kwargs, output):

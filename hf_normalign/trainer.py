@@ -41,8 +41,10 @@ class NormAlignCallback(TrainerCallback):
         self._collect(model)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        # Runs after the Trainer appended `logs` to `state.log_history`; updating the dict in place
-        # shows `pre_loss` there and to the reporting callbacks that run after this one.
+        # The Trainer has already stored a copy of `logs` in `state.log_history`: update both, so
+        # `pre_loss` reaches the history and the reporting callbacks that run after this one.
         if logs is not None and "loss" in logs and self._pre_losses:
             logs["pre_loss"] = sum(self._pre_losses) / len(self._pre_losses)
+            if state.log_history and state.log_history[-1].get("loss") == logs["loss"]:
+                state.log_history[-1]["pre_loss"] = logs["pre_loss"]
             self._pre_losses.clear()

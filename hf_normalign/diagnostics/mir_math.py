@@ -1,0 +1,520 @@
+"""Modality Integration Rate (MIR, arXiv 2410.07167) from per-layer vision and text features.
+
+For every LLM layer k, with V the vision-token and T the text-token hidden states of that layer
+(all samples stacked):
+
+1. text-centric scale: alpha_k = 1 / mean_j ||T_j||, applied to both V and T, computed on all
+   tokens BEFORE outlier handling;
+2. outliers per modality on token L2 norms: |norm - median| > 3 * std (numpy std, ddof 0), either
+   replaced by the per-dimension median of all rows of that modality (``"replace_median"``, what
+   the reference script does), dropped (``"drop"``, what the paper text says) or kept (``"none"``);
+3. FID_k = Fréchet distance of the two sets (covariances with N-1), see :mod:`.frechet`.
+
+MIR = log_base(sum_k FID_k), base 10 by default (as the reference script).
+
+Example:
+    >>> import torch
+    >>> g = torch.Generator().manual_seed(0)
+    >>> vision = [torch.randn(300, 16, generator=g) + 2.0 for _ in range(3)]
+    >>> text = [torch.randn(200, 16, generator=g) for _ in range(3)]
+    >>> res = mir_from_features(vision, text)
+    >>> len(res.per_layer), res.layers
+    (3, [0, 1, 2])
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from .frechet import (
+    SQRT_METHODS,
+    GaussianMoments,
+    SqrtMethod,
+    _to_f64,
+    frechet_distance,
+    frechet_from_moments,
+)
+
+__all__ = ["OUTLIER_MODES", "MIRResult", "StreamingMIR", "mir_from_features"]
+
+OUTLIER_MODES: tuple[str, ...] = ("replace_median", "drop", "none")
+STREAMING_OUTLIER_MODES: tuple[str, ...] = ("drop", "none")
+
+
+def _encode_float(x: float) -> float | str:
+    # Strict JSON has no NaN/inf; keep them round-trippable as strings.
+    return x if math.isfinite(x) else str(x)
+
+
+@dataclass
+class MIRResult:
+    """MIR and its per-layer parts.
+
+    Attributes:
+        mir: log_base of the sum of per-layer FIDs (-inf when the sum is 0, NaN when it is negative,
+            which only ``sqrt="reference_fast"`` can produce).
+        per_layer: FID of each layer, in the order of ``layers``.
+        layers: layer indices (as given by the caller; 0..K-1 by default).
+        num_samples: number of image-text samples behind the features, if known.
+        settings: how it was computed (outliers, outlier_threshold, sqrt, log_base, streaming, plus
+            whatever the caller added, e.g. final_norm).
+        num_vision_tokens / num_text_tokens: tokens per layer that entered the FID (after dropping).
+        num_vision_outliers / num_text_outliers: tokens per layer flagged as outliers.
+        text_scale: alpha_k = 1 / mean text-token norm per layer.
+
+    Example:
+        >>> r = MIRResult(mir=1.0, per_layer=[4.0, 6.0], layers=[1, 2], num_samples=2, settings={})
+        >>> MIRResult.from_dict(r.to_dict()) == r
+        True
+    """
+
+    mir: float
+    per_layer: list[float]
+    layers: list[int]
+    num_samples: int | None
+    settings: dict[str, Any]
+    num_vision_tokens: list[int] = field(default_factory=list)
+    num_text_tokens: list[int] = field(default_factory=list)
+    num_vision_outliers: list[int] = field(default_factory=list)
+    num_text_outliers: list[int] = field(default_factory=list)
+    text_scale: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serialisable dict (non-finite floats become "inf" / "-inf" / "nan")."""
+        out = asdict(self)
+        out["mir"] = _encode_float(self.mir)
+        out["per_layer"] = [_encode_float(v) for v in self.per_layer]
+        out["text_scale"] = [_encode_float(v) for v in self.text_scale]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MIRResult:
+        """Inverse of :meth:`to_dict`."""
+        kwargs = dict(data)
+        kwargs["mir"] = float(kwargs["mir"])
+        kwargs["per_layer"] = [float(v) for v in kwargs["per_layer"]]
+        kwargs["text_scale"] = [float(v) for v in kwargs.get("text_scale", [])]
+        kwargs["settings"] = dict(kwargs.get("settings", {}))
+        return cls(**kwargs)
+
+    def format_table(self) -> str:
+        """Per-layer table: FID, share of the sum, tokens used and outliers flagged per modality."""
+        total = sum(self.per_layer)
+        head = "  ".join(
+            (
+                f"{'layer':>5}",
+                f"{'FID':>12}",
+                f"{'share':>6}",
+                f"{'vision tok (outl.)':>18}",
+                f"{'text tok (outl.)':>16}",
+            )
+        )
+        lines = [head, "-" * len(head)]
+        for i, (layer, fid) in enumerate(zip(self.layers, self.per_layer, strict=True)):
+            share = f"{100 * fid / total:5.1f}%" if total > 0 else "   n/a"
+            vis = _count_cell(self.num_vision_tokens, self.num_vision_outliers, i)
+            txt = _count_cell(self.num_text_tokens, self.num_text_outliers, i)
+            lines.append(f"{layer:>5}  {fid:>12.5g}  {share:>6}  {vis:>18}  {txt:>16}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        base = self.settings.get("log_base", 10)
+        samples = f"{self.num_samples} samples, " if self.num_samples is not None else ""
+        how = ", ".join(f"{k}={self.settings[k]}" for k in ("outliers", "sqrt") if k in self.settings)
+        summary = (
+            f"MIR = {self.mir:.4f} (log{base:g} of the sum of {len(self.per_layer)} per-layer FIDs = "
+            f"{sum(self.per_layer):.5g}; {samples}{how})"
+        )
+        return summary + "\n" + self.format_table()
+
+
+def _count_cell(tokens: list[int], outliers: list[int], i: int) -> str:
+    if i >= len(tokens):
+        return "?"
+    return f"{tokens[i]} ({outliers[i]})" if i < len(outliers) else str(tokens[i])
+
+
+def _median(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """numpy-style median (mean of the two middle values for even counts; torch.median takes the lower)."""
+    s = x.sort(dim=dim).values
+    n = s.shape[dim]
+    lo, hi = s.narrow(dim, (n - 1) // 2, 1), s.narrow(dim, n // 2, 1)
+    return (0.5 * (lo + hi)).squeeze(dim)
+
+
+def _outlier_bounds(norms: torch.Tensor, threshold: float) -> tuple[float, float]:
+    """(median, threshold * std) of token norms; std with ddof 0 as numpy's default in the reference."""
+    return float(_median(norms)), threshold * float(norms.std(correction=0))
+
+
+def _outlier_mask(norms: torch.Tensor, bounds: tuple[float, float]) -> torch.Tensor:
+    median, width = bounds
+    return (norms - median).abs() > width
+
+
+def _check_modes(outliers: str, sqrt: str, log_base: float, allowed_outliers: tuple[str, ...]) -> None:
+    if outliers not in allowed_outliers:
+        raise ValueError(f"unknown outlier mode {outliers!r}; valid: {', '.join(allowed_outliers)}")
+    if sqrt not in SQRT_METHODS:
+        raise ValueError(f"unknown sqrt mode {sqrt!r}; valid: {', '.join(SQRT_METHODS)}")
+    if not (log_base > 0 and log_base != 1 and math.isfinite(log_base)):
+        raise ValueError(f"log_base must be a positive number other than 1, got {log_base!r}")
+
+
+def _layer_indices(layer_indices: Sequence[int] | None, num_layers: int) -> list[int]:
+    if layer_indices is None:
+        return list(range(num_layers))
+    out = [int(i) for i in layer_indices]
+    if len(out) != num_layers:
+        raise ValueError(f"layer_indices has {len(out)} entries for {num_layers} layers")
+    return out
+
+
+def _mir_value(per_layer: Sequence[float], log_base: float) -> float:
+    """log_base(sum); the sum of exact FIDs is >= 0, so <= 0 means degenerate input or reference_fast."""
+    total = math.fsum(per_layer)
+    if total > 0:
+        return math.log10(total) if log_base == 10 else math.log(total) / math.log(log_base)
+    if total == 0:
+        warnings.warn("sum of per-layer FIDs is 0 (identical distributions): MIR = -inf", stacklevel=3)
+        return float("-inf")
+    warnings.warn(
+        f"sum of per-layer FIDs is negative ({total:.4g}); only sqrt='reference_fast', which is not a "
+        "distance, can produce that: MIR = nan",
+        stacklevel=3,
+    )
+    return float("nan")
+
+
+def _settings(
+    outliers: str,
+    threshold: float,
+    sqrt: str,
+    log_base: float,
+    streaming: bool,
+    extra: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "outliers": outliers,
+        "outlier_threshold": threshold,
+        "sqrt": sqrt,
+        "log_base": log_base,
+        "text_scale": "1 / mean text-token L2 norm, before outlier handling",
+        "covariance": "unbiased (N-1)",
+        "streaming": streaming,
+    }
+    out.update(extra or {})
+    return out
+
+
+def _layer_features(
+    v: Any, t: Any, name: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float64 vision and text features of one layer, checked, with their per-token L2 norms."""
+    vs = _to_f64(v, "vision features", name)
+    ts = _to_f64(t, "text features", name).to(vs.device)
+    for what, x in (("vision features", vs), ("text features", ts)):
+        if x.ndim != 2:
+            raise ValueError(f"{name}: {what} must be 2-D [tokens, dim], got shape {tuple(x.shape)}")
+    if vs.shape[1] != ts.shape[1]:
+        raise ValueError(f"{name}: vision dim {vs.shape[1]} != text dim {ts.shape[1]}")
+    v_norms = torch.linalg.vector_norm(vs, dim=1)
+    t_norms = torch.linalg.vector_norm(ts, dim=1)
+    for what, norms in (("vision features", v_norms), ("text features", t_norms)):
+        bad = int((~torch.isfinite(norms)).sum())  # a NaN/inf entry makes its row's norm non-finite
+        if bad:
+            raise ValueError(f"{name}: {what} contain non-finite values (NaN/inf) in {bad} row(s)")
+    return vs, ts, v_norms, t_norms
+
+
+def _check_rows(x: torch.Tensor, what: str, name: str) -> None:
+    if x.shape[0] < 2:
+        raise ValueError(f"{name}: {what} need at least 2 tokens to estimate a covariance, got {x.shape[0]}")
+
+
+def _text_scale(text_norm_sum: float, count: int, name: str) -> float:
+    if count == 0 or text_norm_sum <= 0:
+        raise ValueError(f"{name}: text tokens have zero mean norm, the text-centric scale is undefined")
+    return count / text_norm_sum
+
+
+def mir_from_features(
+    vision_layers: Sequence[Any],
+    text_layers: Sequence[Any],
+    *,
+    outliers: str = "replace_median",
+    sqrt: SqrtMethod = "exact",
+    log_base: float = 10,
+    layer_indices: Sequence[int] | None = None,
+    num_samples: int | None = None,
+    outlier_threshold: float = 3.0,
+    extra_settings: Mapping[str, Any] | None = None,
+) -> MIRResult:
+    """MIR from per-layer features: ``vision_layers[k]`` [n_k, d], ``text_layers[k]`` [m_k, d].
+
+    Features may be torch tensors (any float dtype, any device; computed in float64 there) or numpy
+    arrays. Outlier detection uses the unscaled norms: |a n - med(a n)| > c std(a n) is the same test
+    for any a > 0, so it equals the reference's test on scaled features. A layer with fewer than 2
+    tokens of a modality (before or after dropping) or with NaN/inf raises ValueError naming it.
+    A sum of FIDs of 0 gives MIR = -inf and a negative sum (``sqrt="reference_fast"`` only) NaN, each
+    with a warning; per-layer values stay available. ``extra_settings`` (e.g. ``{"final_norm": True}``)
+    is merged into ``result.settings``.
+
+    Example:
+        >>> import numpy as np
+        >>> rng = np.random.default_rng(0)
+        >>> v = [rng.normal(size=(200, 8)) + 1 for _ in range(2)]
+        >>> t = [rng.normal(size=(150, 8)) for _ in range(2)]
+        >>> res = mir_from_features(v, t, outliers="drop", layer_indices=[5, 6], num_samples=4)
+        >>> res.layers, res.settings["outliers"]
+        ([5, 6], 'drop')
+    """
+    _check_modes(outliers, sqrt, log_base, OUTLIER_MODES)
+    if len(vision_layers) != len(text_layers):
+        raise ValueError(f"got {len(vision_layers)} vision layers but {len(text_layers)} text layers")
+    if len(vision_layers) == 0:
+        raise ValueError("no layers given")
+    layers = _layer_indices(layer_indices, len(vision_layers))
+    per_layer, n_vis, n_txt, out_vis, out_txt, scales = [], [], [], [], [], []
+    for layer, v_raw, t_raw in zip(layers, vision_layers, text_layers, strict=True):
+        name = f"layer {layer}"
+        v, t, v_norms, t_norms = _layer_features(v_raw, t_raw, name)
+        _check_rows(v, "vision features", name)
+        _check_rows(t, "text features", name)
+        alpha = _text_scale(float(t_norms.sum()), t_norms.shape[0], name)
+        v, t = v * alpha, t * alpha
+        mask_v = _outlier_mask(v_norms, _outlier_bounds(v_norms, outlier_threshold))
+        mask_t = _outlier_mask(t_norms, _outlier_bounds(t_norms, outlier_threshold))
+        if outliers == "replace_median":
+            v[mask_v] = _median(v, dim=0)  # median over all rows, outliers included, as the reference
+            t[mask_t] = _median(t, dim=0)
+        elif outliers == "drop":
+            v, t = v[~mask_v], t[~mask_t]
+            _check_rows(v, "vision features after dropping outliers", name)
+            _check_rows(t, "text features after dropping outliers", name)
+        per_layer.append(frechet_distance(v, t, sqrt=sqrt, name=name))
+        n_vis.append(v.shape[0])
+        n_txt.append(t.shape[0])
+        out_vis.append(int(mask_v.sum()) if outliers != "none" else 0)
+        out_txt.append(int(mask_t.sum()) if outliers != "none" else 0)
+        scales.append(alpha)
+    return MIRResult(
+        mir=_mir_value(per_layer, log_base),
+        per_layer=per_layer,
+        layers=layers,
+        num_samples=num_samples,
+        settings=_settings(outliers, outlier_threshold, sqrt, log_base, False, extra_settings),
+        num_vision_tokens=n_vis,
+        num_text_tokens=n_txt,
+        num_vision_outliers=out_vis,
+        num_text_outliers=out_txt,
+        text_scale=scales,
+    )
+
+
+@dataclass
+class _LayerState:
+    vision: GaussianMoments
+    text: GaussianMoments
+    text_norm_sum: float = 0.0
+    text_norm_count: int = 0
+    vision_seen: int = 0  # tokens fed in the current pass (the drop mode checks both passes agree)
+    text_seen: int = 0
+    vision_norms: list[torch.Tensor] = field(default_factory=list)  # "drop", first pass only
+    text_norms: list[torch.Tensor] = field(default_factory=list)
+    first_pass_counts: tuple[int, int] = (0, 0)
+    vision_bounds: tuple[float, float] | None = None
+    text_bounds: tuple[float, float] | None = None
+    vision_outliers: int = 0
+    text_outliers: int = 0
+
+
+class StreamingMIR:
+    """MIR accumulated batch by batch, with memory that does not grow with the data beyond scalars.
+
+    Per layer it keeps float64 running moments of vision and text features (O(d^2)) and the sum of
+    text-token norms. The text-centric scale alpha = 1 / mean text norm is known only at the end, so
+    raw moments are accumulated and scaled then (mean * alpha, covariance * alpha^2), which gives
+    exactly FID(alpha V, alpha T) for every ``sqrt`` mode.
+
+    ``outliers="none"`` needs one pass over the data. ``outliers="drop"`` needs two: the median and
+    std of token norms over ALL tokens cannot be known in one pass, so the first pass keeps only the
+    per-token norms (one float64 per token and layer, on the CPU) and the second accumulates moments
+    of the rows that pass the test. The caller runs its feature capture twice over the same data
+    (any order, any batching). ``"replace_median"`` needs the per-dimension median of all rows,
+    which no bounded-memory pass gives: use :func:`mir_from_features` for it. Results equal
+    :func:`mir_from_features` with the same mode to rounding (~1e-12 relative).
+
+    Moments live on ``device`` (default: the device of the first batch): 2 * d^2 float64 per layer,
+    268 MB per layer at d=4096; pass ``device="cpu"`` to keep them off the GPU.
+
+    Example:
+        >>> import torch
+        >>> g = torch.Generator().manual_seed(0)
+        >>> def batch():  # one layer: 40 vision and 30 text tokens
+        ...     return [torch.randn(40, 8, generator=g) + 1], [torch.randn(30, 8, generator=g)]
+        >>> batches = [batch() for _ in range(5)]
+        >>> acc = StreamingMIR(outliers="drop")
+        >>> for _ in range(acc.passes_required):
+        ...     for vision, text in batches:
+        ...         acc.update(vision, text, num_samples=1)
+        ...     acc.end_pass()
+        >>> res = acc.result()
+        >>> res.num_samples, res.settings["streaming"]
+        (5, True)
+    """
+
+    def __init__(
+        self,
+        *,
+        outliers: str = "none",
+        sqrt: SqrtMethod = "exact",
+        log_base: float = 10,
+        layer_indices: Sequence[int] | None = None,
+        outlier_threshold: float = 3.0,
+        device: str | torch.device | None = None,
+        extra_settings: Mapping[str, Any] | None = None,
+    ) -> None:
+        if outliers == "replace_median":
+            raise ValueError(
+                "outliers='replace_median' needs the per-dimension median of all tokens, which cannot be "
+                "streamed in bounded memory; use mir_from_features, or outliers in "
+                f"{', '.join(STREAMING_OUTLIER_MODES)}"
+            )
+        _check_modes(outliers, sqrt, log_base, STREAMING_OUTLIER_MODES)
+        self.outliers = outliers
+        self.sqrt = sqrt
+        self.log_base = log_base
+        self.outlier_threshold = outlier_threshold
+        self.device = device
+        self.extra_settings = dict(extra_settings or {})
+        self._layer_indices = None if layer_indices is None else [int(i) for i in layer_indices]
+        self._layers: list[_LayerState] | None = None
+        self.passes_required = 2 if outliers == "drop" else 1
+        self.current_pass = 0
+        self.num_samples: int | None = None
+
+    def _names(self) -> list[str]:
+        assert self._layers is not None
+        return [f"layer {i}" for i in _layer_indices(self._layer_indices, len(self._layers))]
+
+    def update(
+        self, vision_layers: Sequence[Any], text_layers: Sequence[Any], *, num_samples: int | None = None
+    ) -> None:
+        """Feed one batch: ``vision_layers[k]`` [n, d] and ``text_layers[k]`` [m, d] for every layer k.
+
+        ``num_samples`` (samples in this batch) is summed over the first pass for the result.
+        """
+        if self.current_pass >= self.passes_required:
+            raise RuntimeError("all passes are finished; call result()")
+        if len(vision_layers) != len(text_layers):
+            raise ValueError(f"got {len(vision_layers)} vision layers but {len(text_layers)} text layers")
+        if self._layers is None:
+            if len(vision_layers) == 0:
+                raise ValueError("no layers given")
+            _layer_indices(self._layer_indices, len(vision_layers))  # validates the count early
+            self._layers = [
+                _LayerState(GaussianMoments(self.device), GaussianMoments(self.device)) for _ in vision_layers
+            ]
+        if len(vision_layers) != len(self._layers):
+            raise ValueError(f"got {len(vision_layers)} layers, earlier batches had {len(self._layers)}")
+        if num_samples is not None and self.current_pass == 0:
+            self.num_samples = (self.num_samples or 0) + int(num_samples)
+        batch = zip(self._layers, self._names(), vision_layers, text_layers, strict=True)
+        for state, name, v_raw, t_raw in batch:
+            v, t, v_norms, t_norms = _layer_features(v_raw, t_raw, name)
+            if state.vision.dim is not None and v.shape[1] != state.vision.dim:
+                raise ValueError(f"{name}: feature dim changed from {state.vision.dim} to {v.shape[1]}")
+            state.vision_seen += v.shape[0]
+            state.text_seen += t.shape[0]
+            if self.outliers == "none":
+                state.text_norm_sum += float(t_norms.sum())
+                state.text_norm_count += t.shape[0]
+                state.vision.update(v)
+                state.text.update(t)
+            elif self.current_pass == 0:
+                state.vision_norms.append(v_norms.cpu())
+                state.text_norms.append(t_norms.cpu())
+            else:
+                assert state.vision_bounds is not None and state.text_bounds is not None
+                mask_v = _outlier_mask(v_norms, state.vision_bounds)
+                mask_t = _outlier_mask(t_norms, state.text_bounds)
+                state.vision_outliers += int(mask_v.sum())
+                state.text_outliers += int(mask_t.sum())
+                state.vision.update(v[~mask_v])
+                state.text.update(t[~mask_t])
+
+    def end_pass(self) -> None:
+        """Close the current pass (after the first "drop" pass: fix the outlier bounds and the scale)."""
+        if self._layers is None:
+            raise RuntimeError("end_pass() before any update()")
+        if self.current_pass >= self.passes_required:
+            raise RuntimeError("all passes are already finished")
+        if self.outliers == "drop" and self.current_pass == 0:
+            for state, name in zip(self._layers, self._names(), strict=True):
+                v_norms, t_norms = torch.cat(state.vision_norms), torch.cat(state.text_norms)
+                for what, norms in (("vision features", v_norms), ("text features", t_norms)):
+                    if norms.shape[0] < 2:
+                        raise ValueError(f"{name}: {what} need at least 2 rows, got {norms.shape[0]}")
+                state.text_norm_sum, state.text_norm_count = float(t_norms.sum()), t_norms.shape[0]
+                state.vision_bounds = _outlier_bounds(v_norms, self.outlier_threshold)
+                state.text_bounds = _outlier_bounds(t_norms, self.outlier_threshold)
+                state.first_pass_counts = (state.vision_seen, state.text_seen)
+                state.vision_norms, state.text_norms = [], []
+                state.vision_seen = state.text_seen = 0
+        elif self.outliers == "drop":
+            for state, name in zip(self._layers, self._names(), strict=True):
+                first = state.first_pass_counts
+                if (state.vision_seen, state.text_seen) != first:
+                    raise ValueError(
+                        f"{name}: the second pass saw {state.vision_seen} vision / {state.text_seen} text "
+                        f"tokens, the first {first[0]} / {first[1]}; both passes must see the same data"
+                    )
+        self.current_pass += 1
+
+    def result(self) -> MIRResult:
+        """The MIR of everything fed so far; ends the last pass if it is still open."""
+        if self.current_pass == self.passes_required - 1 and self._layers is not None:
+            self.end_pass()
+        if self._layers is None or self.current_pass < self.passes_required:
+            raise RuntimeError(
+                f"outliers={self.outliers!r} needs {self.passes_required} pass(es) over the data; "
+                f"{self.current_pass} finished"
+            )
+        per_layer, scales = [], []
+        for state, name in zip(self._layers, self._names(), strict=True):
+            for what, acc in (("vision features", state.vision), ("text features", state.text)):
+                if acc.count < 2:
+                    raise ValueError(f"{name}: {what} need at least 2 rows (after outliers), got {acc.count}")
+            alpha = _text_scale(state.text_norm_sum, state.text_norm_count, name)
+            per_layer.append(
+                frechet_from_moments(
+                    state.vision.mean * alpha,
+                    state.vision.cov * alpha**2,
+                    state.text.mean * alpha,
+                    state.text.cov * alpha**2,
+                    sqrt=self.sqrt,
+                    name=name,
+                )
+            )
+            scales.append(alpha)
+        return MIRResult(
+            mir=_mir_value(per_layer, self.log_base),
+            per_layer=per_layer,
+            layers=_layer_indices(self._layer_indices, len(self._layers)),
+            num_samples=self.num_samples,
+            settings=_settings(
+                self.outliers, self.outlier_threshold, self.sqrt, self.log_base, True, self.extra_settings
+            ),
+            num_vision_tokens=[s.vision.count for s in self._layers],
+            num_text_tokens=[s.text.count for s in self._layers],
+            num_vision_outliers=[s.vision_outliers for s in self._layers],
+            num_text_outliers=[s.text_outliers for s in self._layers],
+            text_scale=scales,
+        )
