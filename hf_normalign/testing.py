@@ -420,9 +420,7 @@ def _proc_idefics3(cfg: PretrainedConfig, tok: Any) -> ProcessorMixin:
     # No image splitting: one global tile per image, the layout tiny_batch uses.
     kwargs = {"size": {"longest_edge": s}, "max_image_size": {"longest_edge": s}, "do_image_splitting": False}
     if cfg.model_type == "idefics3":
-        return tf.Idefics3Processor(
-            tf.Idefics3ImageProcessorPil(**kwargs), tok, image_seq_len=_n_idefics(cfg, 1)
-        )
+        return tf.Idefics3Processor(tf.Idefics3ImageProcessorPil(**kwargs), tok, image_seq_len=_n_idefics(cfg, 1))
     try:
         return _without_video(
             tf.SmolVLMProcessor, tf.SmolVLMImageProcessorPil(**kwargs), tok, image_seq_len=_n_idefics(cfg, 1)
@@ -441,11 +439,20 @@ def _proc_paligemma(cfg: PretrainedConfig, tok: Any) -> ProcessorMixin:
 
 
 def _proc_pixtral(cfg: PretrainedConfig, tok: Any) -> ProcessorMixin:
-    raise NotImplementedError(
-        "tiny_processor('mistral3') cannot be built here: PixtralProcessor is declared with "
-        "@requires(backends=('torchvision', 'torch')) and torchvision is not importable; "
-        "use tiny_batch('mistral3') instead"
-    )
+    import transformers as tf
+
+    s, patch, merge = _tile(cfg), cfg.vision_config.patch_size, cfg.spatial_merge_size
+    try:
+        # Image sides snap to multiples of patch * merge, so the merged patch grid is whole (as in Mistral3).
+        ip = tf.PixtralImageProcessorPil(
+            size={"longest_edge": s}, patch_size={"height": patch * merge, "width": patch * merge}
+        )
+        return tf.PixtralProcessor(ip, tok, patch_size=patch, spatial_merge_size=merge)
+    except ImportError as err:  # PixtralProcessor is declared @requires(backends=("torchvision", "torch"))
+        raise NotImplementedError(
+            f"tiny_processor('mistral3') cannot be built here (needs torchvision): {err}; "
+            "use tiny_batch('mistral3') instead"
+        ) from err
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -554,9 +561,7 @@ _FAMILIES: dict[str, _Family] = {
         "[IMG]",
         _proc_pixtral,
     ),
-    "paligemma": _Family(
-        _n_vit, _block_plain, _pix_flat, _IMAGE, "<image>", _proc_paligemma, token_type="prefix"
-    ),
+    "paligemma": _Family(_n_vit, _block_plain, _pix_flat, _IMAGE, "<image>", _proc_paligemma, token_type="prefix"),
 }
 
 TINY_FAMILIES: tuple[str, ...] = tuple(_FAMILIES)
@@ -746,9 +751,9 @@ def tiny_processor(family: str) -> ProcessorMixin:
         inputs = proc(images=[pil_image], text=[f"describe {proc.image_token} briefly"], return_tensors="pt")
         tiny_model("llava")(**inputs)
 
-    Images only: video processors need torchvision and are left out. Raises ``NotImplementedError`` for
-    ``mistral3`` (PixtralProcessor requires torchvision) and for ``smolvlm`` unless ``num2words`` is
-    installed.
+    Images only: video processors need torchvision and are left out. Raises ``NotImplementedError`` where
+    the processor cannot be built: ``mistral3`` without torchvision (PixtralProcessor requires it) and
+    ``smolvlm`` without the optional ``num2words`` package.
     """
     return _family(family).processor(tiny_config(family), tiny_tokenizer(family))
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import functools
-import importlib.util
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers.utils import is_num2words_available, is_torchvision_available
 
 from hf_normalign.testing import (
     TINY_FAMILIES,
@@ -23,7 +23,8 @@ from hf_normalign.testing import (
 IMAGE_ID = 250
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "labels", "token_type_ids", "mm_token_type_ids")
 # Processors that cannot be built here (see tiny_processor's docstring).
-NO_PROCESSOR = {"mistral3"} | (set() if importlib.util.find_spec("num2words") else {"smolvlm"})
+NO_PROCESSOR = {"mistral3"} if not is_torchvision_available() else set()
+NO_PROCESSOR |= {"smolvlm"} if not is_num2words_available() else set()
 
 families = pytest.mark.parametrize("family", TINY_FAMILIES)
 
@@ -93,7 +94,8 @@ def test_model_is_deterministic_eval_and_has_nonzero_embeddings(family):
     assert not [n for n, p in model.named_parameters() if p.dim() >= 2 and not p.any()]
 
     again = tiny_model(family)
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values(), strict=True))
+    pairs = zip(model.state_dict().values(), again.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
     assert not torch.equal(emb, tiny_model(family, seed=1).get_input_embeddings().weight)
     assert torch.equal(torch.random.get_rng_state(), rng_state)  # global RNG untouched
 
