@@ -9,26 +9,50 @@ Example:
     >>> model = normalign.unpatch(model)                    # exact restore
 """
 
-from . import testing
+from . import persistence, testing
 from .config import MoCaConfig, NormAlignConfig, PReConfig, ProjectorNormConfig
+from .hub import push_to_hub
 from .patching import get_config, is_patched, patch, unpatch
+from .persistence import (
+    AutoNormAlignModelForImageTextToText,
+    CheckpointInfo,
+    NormAlignCheckpointError,
+    autoload,
+    from_pretrained,
+    load_plugin_weights,
+    read_checkpoint_info,
+    save_pretrained,
+)
 from .registry import ArchitectureSpec, register_architecture, supported_architectures
 from .trainer import NormAlignCallback
 
 __version__ = "0.1.0"
 
+# Load-time patching: transformers' own from_pretrained returns the patched model for a directory or
+# repo that holds normalign_config.json (switch off with autoload(False) or HF_NORMALIGN_AUTOLOAD=0).
+persistence.install()
+
 __all__ = [
     "ArchitectureSpec",
+    "AutoNormAlignModelForImageTextToText",
+    "CheckpointInfo",
     "MoCaConfig",
     "NormAlignCallback",
+    "NormAlignCheckpointError",
     "NormAlignConfig",
     "PReConfig",
     "ProjectorNormConfig",
     "__version__",
+    "autoload",
+    "from_pretrained",
     "get_config",
     "is_patched",
+    "load_plugin_weights",
     "patch",
+    "push_to_hub",
+    "read_checkpoint_info",
     "register_architecture",
+    "save_pretrained",
     "supported_architectures",
     "testing",
     "unpatch",

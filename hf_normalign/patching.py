@@ -294,6 +294,12 @@ def _check_layers(config: NormAlignConfig, num_layers: int) -> tuple[list[int], 
 
 def _device_of(module: nn.Module) -> torch.device:
     for tensor in module.parameters():
+        if tensor.device.type == "meta":
+            raise ValueError(
+                f"{type(module).__name__} has its weights on the meta device (disk offload or an unloaded model); "
+                "plugin modules cannot be placed there. Load the model with a device_map that keeps the "
+                "projector and decoder layers on CPU/GPU."
+            )
         return tensor.device
     return torch.device("cpu")
 
@@ -306,7 +312,12 @@ def _projector_input_size(projector: nn.Module) -> int:
 
 
 def patch(
-    model: nn.Module, config: NormAlignConfig | dict | None = None, *, methods=None, **overrides
+    model: nn.Module,
+    config: NormAlignConfig | dict | None = None,
+    *,
+    methods=None,
+    init_weights: bool = True,
+    **overrides,
 ) -> nn.Module:
     """Insert the norm-aligning interventions into a loaded VLM, in place. Returns `model`.
 
@@ -321,11 +332,14 @@ def patch(
         model: a `...ForConditionalGeneration` of a supported family (or a PEFT model around one).
         config: a `NormAlignConfig` (or its dict form).
         methods: method name(s) instead of a config: "projector_norm", "moca", "pre".
+        init_weights: False skips the initialisation that needs a pass over the model (measuring the
+            text-embedding norm), for callers that load saved plugin weights right after.
         **overrides: a method's own config, e.g. ``moca=MoCaConfig(layers=[0, 1])``.
 
     Patching an already patched model with the same config is a no-op; a different config raises.
     """
-    config = _resolve_config(config, methods, overrides)
+    # A private copy: editing the caller's config afterwards must not change the patched model.
+    config = NormAlignConfig.from_dict(_resolve_config(config, methods, overrides).to_dict())
     base = _base_model(model)
     existing = get_plugin(base)
     if existing is not None:
@@ -350,7 +364,10 @@ def patch(
         if pn.deepstack:
             for path in spec.extra_projectors:
                 projectors.extend(spec.get(base, path))
-        target = pn.target_norm if pn.target_norm is not None else embedding_scale(base, spec)
+        target = pn.target_norm
+        if target is None:
+            # Without init the gain is a placeholder the caller overwrites with saved weights.
+            target = embedding_scale(base, spec) if init_weights else 1.0
         plugin.projector_norm = nn.ModuleList(
             ProjectorLayerNorm(hidden, target_norm=target, gwc=pn.gwc, gwc_floor=pn.gwc_floor, eps=pn.eps).to(
                 _device_of(p)

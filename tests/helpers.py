@@ -46,15 +46,9 @@ def grads(model) -> dict[str, torch.Tensor]:
 def make_vision_loud(model, factor: float = 50.0) -> None:
     """Scale the projector output like real CLIP/SigLIP features (norms far above text).
 
-    Registered before `patch`, so the LayerNorm sees the loud features. Zero-initialised projector
-    weights (Gemma3) get a random init first, or the features would all be zero.
+    Registered before `patch`, so the LayerNorm sees the loud features.
     """
     projector = get_spec(model).get(model, get_spec(model).projector)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in projector.parameters():
-            if param.dim() >= 2 and not param.any():
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
 
     def hook(module, args, output):
         return output * factor
