@@ -13,6 +13,7 @@ from . import persistence, testing
 from .config import MoCaConfig, NormAlignConfig, PReConfig, ProjectorNormConfig
 from .hub import push_to_hub
 from .patching import get_config, is_patched, patch, unpatch
+from .peft_utils import mark_plugin_trainable, plugin_lora_exclude_modules
 from .persistence import (
     AutoNormAlignModelForImageTextToText,
     CheckpointInfo,
@@ -23,6 +24,7 @@ from .persistence import (
     read_checkpoint_info,
     save_pretrained,
 )
+from .quantization import bnb_config, prepare_for_kbit_training, quantization_skip_modules
 from .registry import ArchitectureSpec, register_architecture, supported_architectures
 from .trainer import NormAlignCallback
 
@@ -44,12 +46,17 @@ __all__ = [
     "ProjectorNormConfig",
     "__version__",
     "autoload",
+    "bnb_config",
     "from_pretrained",
     "get_config",
     "is_patched",
     "load_plugin_weights",
+    "mark_plugin_trainable",
     "patch",
+    "plugin_lora_exclude_modules",
+    "prepare_for_kbit_training",
     "push_to_hub",
+    "quantization_skip_modules",
     "read_checkpoint_info",
     "register_architecture",
     "save_pretrained",

@@ -83,13 +83,22 @@ class NormAlignModules(nn.Module):
         handle = register(bound, **kwargs)
         self._hooks.append(_Hook(module, kind, handle.id, fn))
 
-    def remove_hooks(self) -> None:
-        for hook in self._hooks:
-            hook.hook_dict(hook.module).pop(hook.hook_id, None)
-            hook.module._forward_hooks_with_kwargs.pop(hook.hook_id, None)
-            hook.module._forward_pre_hooks_with_kwargs.pop(hook.hook_id, None)
-            hook.module._forward_hooks_always_called.pop(hook.hook_id, None)
+    def remove_hooks(self, root: nn.Module) -> None:
+        """Remove this plugin's hooks from every module under `root`, including copies of hooked modules
+        (PEFT's `modules_to_save` copies the projector, hooks included)."""
+        for module in root.modules():
+            for hooks in (module._forward_hooks, module._forward_pre_hooks):
+                for hook_id in [i for i, fn in hooks.items() if self._owns(fn)]:
+                    hooks.pop(hook_id)
+                    module._forward_hooks_with_kwargs.pop(hook_id, None)
+                    module._forward_pre_hooks_with_kwargs.pop(hook_id, None)
+                    module._forward_hooks_always_called.pop(hook_id, None)
         self._hooks.clear()
+
+    def _owns(self, fn: Callable[..., Any]) -> bool:
+        return isinstance(fn, functools.partial) and any(
+            isinstance(arg, weakref.ref) and arg() is self for arg in fn.args
+        )
 
     def __deepcopy__(self, memo: dict[int, Any]) -> NormAlignModules:
         # A deep copy of the whole model (TRL reference models) has already copied the hooked
@@ -426,6 +435,6 @@ def unpatch(model: nn.Module) -> nn.Module:
     plugin = get_plugin(base)
     if plugin is None:
         raise ValueError("This model is not patched by hf-normalign; nothing to unpatch.")
-    plugin.remove_hooks()
+    plugin.remove_hooks(base)
     delattr(base, ATTRIBUTE)
     return model
