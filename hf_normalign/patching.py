@@ -19,6 +19,7 @@ Per-forward flow:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import weakref
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.utils import ModelOutput
 
 from .config import METHODS, NormAlignConfig
 from .methods.moca import MoCaLayer, moca_key
@@ -134,13 +136,21 @@ def _root_pre_hook(ref, module, args, kwargs):
 def _root_post_hook(ref, module, args, kwargs, output):
     plugin = ref()
     loss = plugin.last_pre_loss
-    if loss is None or not hasattr(output, "keys"):
+    if loss is None or not isinstance(output, ModelOutput):
         return None
-    output["pre_loss"] = loss
-    if getattr(output, "loss", None) is not None:
+    fields = dict(output.items())
+    if fields.get("loss") is not None:
         # Detached: the PRe gradient is already injected at the PRe layer (see InjectAuxLoss).
-        output["loss"] = output.loss + plugin.config.pre.weight * plugin.pre_grad_scale * loss.to(output.loss)
-    return output
+        fields["loss"] = fields["loss"] + plugin.config.pre.weight * plugin.pre_grad_scale * loss.to(fields["loss"])
+    return _with_pre_loss(type(output))(**fields, pre_loss=loss)
+
+
+@functools.cache
+def _with_pre_loss(output_class: type[ModelOutput]) -> type[ModelOutput]:
+    """`output_class` with a declared `pre_loss` field: DDP and other code rebuild outputs from their
+    fields (`cls(**dict)`), which fails for a key set on an instance only."""
+    field = ("pre_loss", torch.Tensor | None, dataclasses.field(default=None))
+    return dataclasses.make_dataclass(output_class.__name__, [field], bases=(output_class,))
 
 
 def _vision_mask(plugin: NormAlignModules, module: nn.Module, args, kwargs) -> torch.Tensor | None:

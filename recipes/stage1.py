@@ -1,0 +1,24 @@
+"""Stage 1, alignment: vision tower and LLM frozen; projector (+ Qwen3-VL deepstack mergers) and the hf-normalign
+plugin trained (defaults: lr 1e-3, warmup 3%, cosine).
+
+Usage::
+
+    python -m hf_normalign.recipes.stage1 --config llava_stage1 --model_name_or_path MODEL --output_dir OUT
+    accelerate launch --config_file recipes/accelerate/ddp.yaml -m hf_normalign.recipes.stage1 --config ...
+
+Options: ``--help``; configs and data formats: docs/recipes.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from hf_normalign.recipes import train
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return train.main(argv, stage=1)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

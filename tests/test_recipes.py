@@ -1,0 +1,403 @@
+"""The stage-1 / stage-2 recipes end to end on a tiny LLaVA: checkpoints, frozen parts, resume, DDP, config errors."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import REQUIRED_FAMILIES
+from safetensors.torch import load_file
+from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
+
+import hf_normalign as normalign
+from hf_normalign.patching import get_plugin
+from hf_normalign.registry import get_spec
+from hf_normalign.testing import tiny_model
+
+# isort: split
+# hf_normalign.recipes is installed from recipes/ (package-dir), which ruff does not resolve as first-party.
+from hf_normalign.recipes import train
+from hf_normalign.recipes.make_tiny_data import make_tiny_data
+
+VISION_TOWER, PROJECTOR = "model.vision_tower.", "model.multi_modal_projector."
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """tiny/data.json (16 rows), tiny/images/, tiny/model/ (tiny LLaVA + processor): what the docs' commands use."""
+    root = tmp_path_factory.mktemp("recipes")
+    make_tiny_data(root / "tiny", num_samples=16, model="llava")
+    return root
+
+
+def argv(workspace, out, **options) -> list[str]:
+    """Command line of a tiny run; ``options`` override the defaults (None drops one)."""
+    tiny = workspace / "tiny"
+    values = {
+        "model_name_or_path": tiny / "model",
+        "methods": "projector_norm,moca,pre",
+        "data_path": tiny / "data.json",
+        "output_dir": out,
+        "use_cpu": "true",
+        "per_device_train_batch_size": 4,
+        "max_steps": 6,
+        "save_steps": 3,
+        "logging_steps": 1,
+        "disable_tqdm": "true",
+        "seed": 0,
+    } | options
+    return [item for key, value in values.items() if value is not None for item in (f"--{key}", str(value))]
+
+
+def history(output_dir) -> list[dict]:
+    """The Trainer's log history, from the last checkpoint's trainer_state.json."""
+    last = max((d for d in os.listdir(output_dir) if d.startswith("checkpoint-")), key=lambda d: int(d.split("-")[1]))
+    with open(os.path.join(output_dir, last, "trainer_state.json")) as f:
+        return json.load(f)["log_history"]
+
+
+def losses(output_dir, key="loss") -> list[float]:
+    return [entry[key] for entry in history(output_dir) if key in entry and "train_runtime" not in entry]
+
+
+def plain_state(path) -> dict[str, torch.Tensor]:
+    with normalign.autoload(False):
+        return AutoModelForImageTextToText.from_pretrained(path).state_dict()
+
+
+# --- stage 1 -----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stage1(workspace):
+    """The documented tiny stage-1 run (recipes/configs/tiny_stage1.yaml, run from the workspace), with MIR and a
+    push to the Hub (intercepted)."""
+    pushes = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(workspace)
+        mp.setattr(normalign, "push_to_hub", lambda *args, **kwargs: pushes.append((args, kwargs)))
+        code = train.main(
+            [
+                *("--config", "tiny_stage1", "--disable_tqdm", "true"),
+                *("--mir_every", "4", "--mir_samples", "4", "--push-to-hub", "me/tiny-aligned"),
+            ],
+            stage=1,
+        )
+    assert code == 0
+    return workspace / "tiny" / "stage1", pushes
+
+
+@pytest.mark.slow
+def test_stage1_checkpoint_loads_and_frozen_parts_are_bit_identical(workspace, stage1):
+    output_dir, _ = stage1
+    model = normalign.from_pretrained(output_dir)
+    before = plain_state(workspace / "tiny" / "model")
+    after = {k: v for k, v in model.state_dict().items() if not k.startswith("normalign.")}
+    assert after.keys() == before.keys()
+    frozen = [k for k in before if not k.startswith(PROJECTOR)]
+    assert any(k.startswith(VISION_TOWER) for k in frozen) and "lm_head.weight" in frozen
+    assert all(torch.equal(after[k], before[k]) for k in frozen)  # vision tower, LLM, lm_head: bit-identical
+    assert all(not torch.equal(after[k], before[k]) for k in before if k.startswith(PROJECTOR))
+
+    torch.manual_seed(0)  # the recipe's seed: the same plugin initialisation
+    fresh = normalign.patch(
+        AutoModelForImageTextToText.from_pretrained(workspace / "tiny" / "model"), normalign.get_config(model)
+    )
+    initial, trained = fresh.normalign.state_dict(), model.normalign.state_dict()
+    assert all(not torch.equal(trained[k], initial[k]) for k in initial)  # every plugin tensor trained
+
+    processor = AutoProcessor.from_pretrained(output_dir)
+    assert type(processor).__name__ == "LlavaProcessor"
+    assert set(os.listdir(output_dir / "checkpoint-4")) >= {"normalign.safetensors", "normalign_config.json"}
+
+
+@pytest.mark.slow
+def test_stage1_logs_pre_loss_and_mir_and_pushes(stage1):
+    output_dir, pushes = stage1
+    steps = [e for e in history(output_dir) if "loss" in e]
+    assert {1, 2, 3, 5, 6, 7} <= {e["step"] for e in steps}
+    assert all("pre_loss" in e and e["pre_loss"] > 0 for e in steps)
+    assert [e["step"] for e in history(output_dir) if "mir" in e] == [4, 8]
+    ((args, kwargs),) = pushes
+    assert args == (os.path.join("tiny", "stage1"), "me/tiny-aligned")
+    assert isinstance(kwargs["mir"].mir, float)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="MIRCallback logs through Trainer.log in on_step_end; the Trainer's on_log then clears should_log, so the "
+    "loss of every MIR step goes unlogged (hf_normalign/callbacks.py).",
+)
+def test_mir_steps_keep_their_loss_entry(stage1):
+    output_dir, _ = stage1
+    assert {e["step"] for e in history(output_dir) if "loss" in e} == set(range(1, 9))
+
+
+@pytest.mark.parametrize("family", REQUIRED_FAMILIES)
+@pytest.mark.parametrize("stage", [1, 2])
+def test_freezing_rules_per_family(family, stage):
+    model = normalign.patch(tiny_model(family), methods=["projector_norm", "moca", "pre"])
+    spec = get_spec(model)
+    config = SimpleNamespace(stage=stage, model=SimpleNamespace(lora=False, qlora=False))
+    train.setup_stage(model, config)
+    projectors = tuple(f"{p}." for p in train.projector_paths(model))
+    assert len(projectors) == (2 if family == "qwen3_vl" else 1)  # + the deepstack mergers
+    for name, param in model.named_parameters():
+        if name.startswith(("normalign.", *projectors)):
+            assert param.requires_grad, name
+        elif stage == 1 or name.startswith(f"{spec.vision_tower}."):
+            assert not param.requires_grad, name
+        else:
+            assert param.requires_grad, name  # stage 2: LLM, lm_head and any other glue
+
+
+# --- stage 2 -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["full", "lora", "qlora"])
+def test_stage2_runs_and_loads(workspace, stage1, tmp_path, mode):
+    stage1_dir, _ = stage1
+    options = {"model_name_or_path": stage1_dir, "methods": None, "max_steps": 4, "save_steps": 4}
+    if mode != "full":
+        options[mode] = "true"
+    assert train.main(argv(workspace, tmp_path, **options), stage=2) == 0
+
+    model = normalign.from_pretrained(tmp_path)
+    before, after = plain_state(stage1_dir), model.state_dict()
+    vision = [k for k in before if k.startswith(VISION_TOWER)]
+    llm = [k for k in before if k.startswith("model.language_model.") and "layers" in k and "proj" in k]
+    assert all(torch.equal(after[k], before[k]) for k in vision)
+    assert all(not torch.equal(after[k], before[k]) for k in before if k.startswith(PROJECTOR))
+    if mode == "qlora":
+        # Adapter form: the base (stage-1 output) with the trained plugin and projector; LoRA comes from PEFT.
+        assert normalign.read_checkpoint_info(tmp_path).adapter_only
+        assert all(torch.equal(after[k], before[k]) for k in llm)
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, tmp_path)
+        assert normalign.is_patched(model)
+    else:
+        assert all(not torch.equal(after[k], before[k]) for k in llm)  # trained, or LoRA merged into it
+    initial = load_file(stage1_dir / "normalign.safetensors")
+    assert any(not torch.equal(v, get_plugin(model).state_dict()[k]) for k, v in initial.items())
+
+
+@pytest.mark.slow
+def test_tiny_stage2_config_continues_from_the_stage1_output(workspace, stage1, monkeypatch):
+    monkeypatch.chdir(workspace)
+    config = train.parse_args(["--config", "tiny_stage2"], stage=2)
+    assert config.normalign_config is None  # the methods come from the aligned checkpoint
+    assert config.model_source == "tiny/stage1" and config.training.learning_rate == 1e-4
+
+
+# --- resume ------------------------------------------------------------------------------------------------------
+
+
+class Interrupted(Exception):
+    pass
+
+
+class InterruptAt(TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise Interrupted
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, options", [(1, {}), (2, {"lora": "true"})], ids=["stage1", "stage2-lora"])
+def test_interrupted_then_resumed_run_equals_uninterrupted(workspace, tmp_path, stage, options):
+    """6 steps with checkpoints every 3: a run killed at step 4 and resumed from checkpoint-3 ends bit-identical to
+    the uninterrupted run (single process on CPU is deterministic, and the optimizer, scheduler, RNG and data
+    order are restored with the weights)."""
+    full, broken = tmp_path / "full", tmp_path / "broken"
+    assert train.main(argv(workspace, full, **options), stage=stage) == 0
+
+    trainer = train.build_trainer(train.parse_args(argv(workspace, broken, **options), stage=stage))
+    trainer.add_callback(InterruptAt(4))
+    with pytest.raises(Interrupted):
+        trainer.train()
+    assert sorted(d for d in os.listdir(broken) if d.startswith("checkpoint-")) == ["checkpoint-3"]
+    assert train.main(argv(workspace, broken, resume_from_checkpoint="true", **options), stage=stage) == 0
+
+    for name in ("normalign.safetensors", "model.safetensors"):  # plugin; projector and (stage 2) merged LLM
+        expected, got = load_file(full / name), load_file(broken / name)
+        assert all(torch.equal(got[k], v) for k, v in expected.items()), name
+    assert losses(broken)[-3:] == losses(full)[-3:]
+    assert normalign.read_checkpoint_info(broken) == normalign.read_checkpoint_info(full)  # same base recorded
+
+
+# --- multi-process -----------------------------------------------------------------------------------------------
+
+ACCELERATE_CONFIG = os.path.join(train.CONFIG_DIR, os.pardir, "accelerate", "ddp_cpu.yaml")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_run(workspace, output_dir, methods):
+    """`accelerate launch` with two CPU processes (gloo), 2 rows each: the same global batch of 4."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", ACCELERATE_CONFIG]
+    command += ["--main_process_port", str(_free_port()), "-m", "hf_normalign.recipes.stage1"]
+    command += argv(workspace, output_dir, methods=methods, per_device_train_batch_size=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(workspace, tmp_path_factory):
+    """(single-process, two-process) output directories per method set."""
+    runs = {}
+    for methods in ("projector_norm,moca", "projector_norm,moca,pre"):
+        single, ddp = tmp_path_factory.mktemp("single"), tmp_path_factory.mktemp("ddp")
+        assert train.main(argv(workspace, single, methods=methods), stage=1) == 0
+        _ddp_run(workspace, ddp, methods)
+        runs[methods] = single, ddp
+    return runs
+
+
+def _assert_same_weights(single, ddp):
+    for name in ("normalign.safetensors", "model.safetensors"):
+        expected, got = load_file(single / name), load_file(ddp / name)
+        for key, value in expected.items():
+            torch.testing.assert_close(got[key], value, rtol=0, atol=1e-6, msg=f"{name}: {key}")
+
+
+@pytest.mark.slow
+def test_ddp_loss_trajectory_matches_single_process(ddp_runs):
+    """Measured: relative loss differences <= 2e-7 and weight differences <= 6e-8 (gradient all-reduce order)."""
+    single, ddp = ddp_runs["projector_norm,moca"]
+    assert len(losses(ddp)) == 6
+    torch.testing.assert_close(losses(ddp), losses(single), rtol=1e-5, atol=0)
+    torch.testing.assert_close(losses(ddp, "grad_norm"), losses(single, "grad_norm"), rtol=1e-5, atol=0)
+    _assert_same_weights(single, ddp)
+
+
+@pytest.mark.slow
+def test_ddp_with_pre_trains_like_single_process(ddp_runs):
+    """With PRe the updates match too (gradient norms, final weights); the logged losses: see the next test."""
+    single, ddp = ddp_runs["projector_norm,moca,pre"]
+    torch.testing.assert_close(losses(ddp, "grad_norm"), losses(single, "grad_norm"), rtol=1e-5, atol=0)
+    _assert_same_weights(single, ddp)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="Under DDP the logged `loss` counts the PRe term num_processes times (the Trainer multiplies the loss of "
+    "models taking num_items_in_batch by num_processes; patching.py adds weight * PRe to it) and `pre_loss` is "
+    "rank 0's own value (NormAlignCallback does not average over processes). Training itself is unaffected.",
+)
+def test_ddp_with_pre_logs_like_single_process(ddp_runs):
+    single, ddp = ddp_runs["projector_norm,moca,pre"]
+    torch.testing.assert_close(losses(ddp), losses(single), rtol=1e-5, atol=0)
+    torch.testing.assert_close(losses(ddp, "pre_loss"), losses(single, "pre_loss"), rtol=1e-5, atol=0)
+
+
+# --- configuration and data errors -------------------------------------------------------------------------------
+
+
+def _bad_yaml(workspace, text):
+    path = workspace / f"bad{abs(hash(text))}.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+CONFIG_ERRORS = {
+    "unknown-yaml-key": (1, {"config": "yaml:lerning_rate: 0.1\n"}, "unknown option(s) ['lerning_rate']"),
+    "bad-yaml-value": (1, {"config": "yaml:learning_rate: fast\n"}, "invalid value 'fast' for learning_rate"),
+    "yaml-not-a-mapping": (1, {"config": "yaml:- a\n- b\n"}, "must hold a mapping"),
+    "missing-config": (1, {"config": "nope.yaml"}, "config file 'nope.yaml' not found"),
+    "lora-in-stage-1": (1, {"lora": "true"}, "--lora/--qlora are stage-2 options"),
+    "lora-and-qlora": (2, {"lora": "true", "qlora": "true"}, "exclusive"),
+    "unknown-method": (1, {"methods": "projector_norm,magic"}, "invalid hf-normalign settings"),
+    "no-method": (1, {"methods": None}, "pass --methods"),
+    "methods-and-config": (1, {"normalign_config": '{"moca": true}'}, "either --methods or --normalign_config"),
+    "missing-data": (1, {"data_path": "nope.json"}, "data_path nope.json does not exist"),
+    "missing-image-folder": (1, {"image_folder": "nope"}, "image_folder nope is not a directory"),
+    "bad-dtype": (1, {"dtype": "int8"}, "--dtype must be one of"),
+    "bad-template": (1, {"chat_template": "chatml"}, "--chat_template"),
+    "no-output-dir": (1, {"output_dir": None}, "--output_dir is required"),
+    "no-checkpoint-to-resume": (1, {"resume_from_checkpoint": "true"}, "no checkpoint-* in"),
+    "bad-hub-repo": (1, {"push-to-hub": "not a repo//id"}, "--push-to-hub"),
+    "missing-model": (1, {"model_name_or_path": "/nonexistent/model"}, "not found"),
+    "trainer-argument": (1, {"warmup_steps": -1}, "warmup_steps >= 0"),
+    "yaml-bad-choice": (1, {"config": "yaml:lr_scheduler_type: wobbly\n"}, "wobbly"),
+}
+
+
+@pytest.mark.parametrize("case", CONFIG_ERRORS, ids=list(CONFIG_ERRORS))
+def test_config_error_writes_nothing(workspace, tmp_path, capsys, case):
+    stage, options, message = CONFIG_ERRORS[case]
+    options = dict(options)
+    if str(options.get("config", "")).startswith("yaml:"):
+        options["config"] = _bad_yaml(workspace, options["config"][5:])
+    out = tmp_path / "out"
+    assert train.main(argv(workspace, out, **options), stage=stage) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_methods_must_match_an_aligned_checkpoint(workspace, tmp_path, capsys):
+    aligned = tmp_path / "aligned"
+    model = normalign.patch(AutoModelForImageTextToText.from_pretrained(workspace / "tiny" / "model"), methods="moca")
+    model.save_pretrained(aligned)
+    out = tmp_path / "out"
+    code = train.main(argv(workspace, out, model_name_or_path=aligned, methods="projector_norm"), stage=2)
+    assert code == 2 and "is an aligned checkpoint with" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_usage_error_exits_before_writing(workspace, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as info:
+        train.main([*argv(workspace, out), "--no_such_option", "1"], stage=1)
+    assert info.value.code == 2 and not out.exists()
+
+
+def test_bad_data_row_fails_before_writing_unless_skipped(workspace, tmp_path, capsys, caplog):
+    with open(workspace / "tiny" / "data.json") as f:
+        records = json.load(f)
+    records[5]["image"] = "images/missing.png"
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(records))
+    out = tmp_path / "out"
+    options = {"data_path": data, "image_folder": workspace / "tiny", "max_steps": 1, "save_steps": 10}
+    assert train.main(argv(workspace, out, **options), stage=1) == 2
+    assert "row 5 (id '00005'): missing image file" in capsys.readouterr().err
+    assert not out.exists()
+    assert train.main(argv(workspace, out, skip_bad_rows="true", **options), stage=1) == 0
+    assert "skipped 1 of 16 rows (1 missing image file)" in caplog.text
+    assert normalign.read_checkpoint_info(out).config.methods == ["projector_norm", "moca", "pre"]
+
+
+def test_packaged_yaml_configs_are_valid():
+    names = sorted(os.listdir(train.CONFIG_DIR))
+    families = {n.rsplit("_stage", 1)[0] for n in names}
+    assert families >= {"llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl"}
+    for name in names:
+        stage = 1 if name.endswith("stage1.yaml") else 2
+        values, hub = train._yaml_defaults(os.path.join(train.CONFIG_DIR, name), train._parser(stage))
+        assert {"model_name_or_path", "data_path", "output_dir"} <= values.keys() and hub is None, name
+        if stage == 1:
+            assert not values.get("lora") and not values.get("qlora"), name
+
+
+def test_help_lists_the_recipe_options(capsys):
+    with pytest.raises(SystemExit) as info:
+        train.main(["--help"], stage=2)
+    text = capsys.readouterr().out
+    assert info.value.code == 0
+    assert all(option in text for option in ("--qlora", "--skip_bad_rows", "--mir_every", "--push-to-hub REPO"))
