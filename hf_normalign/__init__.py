@@ -9,7 +9,8 @@ Example:
     >>> model = normalign.unpatch(model)                    # exact restore
 """
 
-from . import persistence, testing
+from . import diagnostics, persistence, testing
+from .callbacks import MIRCallback
 from .config import MoCaConfig, NormAlignConfig, PReConfig, ProjectorNormConfig
 from .hub import push_to_hub
 from .patching import get_config, is_patched, patch, unpatch
@@ -38,6 +39,7 @@ __all__ = [
     "ArchitectureSpec",
     "AutoNormAlignModelForImageTextToText",
     "CheckpointInfo",
+    "MIRCallback",
     "MoCaConfig",
     "NormAlignCallback",
     "NormAlignCheckpointError",
@@ -47,6 +49,7 @@ __all__ = [
     "__version__",
     "autoload",
     "bnb_config",
+    "diagnostics",
     "from_pretrained",
     "get_config",
     "is_patched",

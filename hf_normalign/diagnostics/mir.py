@@ -1,0 +1,307 @@
+"""MIR (Modality Integration Rate) of a model: capture features over a probe, then the exact maths.
+
+``mir(model, processor)`` runs the model over the probe in batches (:mod:`.capture`), takes the
+hidden states at vision and text-passage positions of every decoder layer (layers 1..K, the
+reference's ``hidden_states[1:]``; layer K after the final norm unless ``final_norm=False``) and
+computes MIR with :func:`.mir_math.mir_from_features` (or :class:`.mir_math.StreamingMIR`).
+
+Memory:
+
+- ``outliers="replace_median"`` (the reference behaviour, default) needs every token of a layer at
+  once (the per-dimension median). Features are kept on the host in the model's dtype for at most
+  ``max_feature_gb`` GiB at a time: when all layers do not fit, the probe runs once per group of
+  layers (each pass stops after its deepest layer), so memory is bounded by the budget, not by K.
+  Each layer's FID is computed on ``stats_device`` (default: the model's device) in float64.
+- ``outliers="drop"`` / ``"none"`` stream by default (``streaming=None``): float64 running moments
+  (2 d^2 per layer) instead of features, so memory does not grow with the number of samples;
+  ``"drop"`` runs the probe twice (outlier bounds need all norms first).
+
+Example:
+    >>> from hf_normalign.testing import tiny_model, tiny_processor
+    >>> result = mir(tiny_model("llava"), tiny_processor("llava"), num_samples=8, progress=False)
+    >>> result.layers, result.num_samples, result.settings["final_norm"]
+    ([1, 2], 8, True)
+
+Command line: ``normalign mir MODEL [--images DIR --texts PATH --num-samples N --json FILE]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .capture import (
+    EncodedSample,
+    _base_model,
+    capture,
+    check_samples,
+    model_input_device,
+    prepare_probe,
+    resolve_layers,
+    vision_token_ids,
+)
+from .frechet import SQRT_METHODS, SqrtMethod
+from .mir_math import OUTLIER_MODES, MIRResult, StreamingMIR, mir_from_features
+from .probe import Probe, load_probe
+
+__all__ = ["mir", "register"]
+
+_LAYER_NUMBERING = "hidden_states index: 0 = LLM input, k = output of decoder layer k (1-based)"
+
+
+def mir(
+    model: nn.Module,
+    processor: Any = None,
+    probe: Probe | Sequence[Any] | None = None,
+    *,
+    num_samples: int | None = 100,
+    batch_size: int = 8,
+    final_norm: bool = True,
+    layers: Iterable[int] | None = None,
+    include_embeddings: bool = False,
+    outliers: str = "replace_median",
+    sqrt: SqrtMethod = "exact",
+    log_base: float = 10,
+    outlier_threshold: float = 3.0,
+    streaming: bool | None = None,
+    seed: int = 0,
+    prompt: str | None = None,
+    padding_side: str = "right",
+    device: str | torch.device | None = None,
+    stats_device: str | torch.device | None = None,
+    max_feature_gb: float | None = 8.0,
+    progress: bool = True,
+) -> MIRResult:
+    """Modality Integration Rate of ``model`` on ``probe`` (default: the built-in offline probe).
+
+    Args:
+        model: a supported VLM (``...ForConditionalGeneration``), any dtype, quantised or PEFT-wrapped.
+        processor: its processor (not needed for a list of :class:`~.capture.EncodedSample`).
+        probe: ``None``, a :class:`~.probe.Probe`, ``(image, text)`` pairs or encoded samples.
+        num_samples: pairs used, a seeded subset (``seed``) when the probe is larger; ``None``: all.
+        batch_size: samples per forward pass (results agree across batch sizes to rounding).
+        final_norm: take layer K after the final norm (as transformers reports it and the reference
+            uses it) or before it.
+        layers / include_embeddings: layers to use (numbering in :mod:`.capture`); default 1..K.
+        outliers, sqrt, log_base, outlier_threshold: as :func:`~.mir_math.mir_from_features`.
+        streaming: bounded-memory accumulation (``"drop"``/``"none"`` only); default: on for those.
+        prompt, padding_side, device: as :func:`~.capture.capture`.
+        stats_device: where float64 statistics are computed (default: the model's device).
+        max_feature_gb: host budget for the stored features of the non-streaming path; ``None``:
+            capture all layers in one pass whatever their size.
+        progress: tqdm progress bars.
+
+    Returns:
+        :class:`~.mir_math.MIRResult`; ``settings`` also records ``final_norm``, ``batch_size``, the
+        probe, the model and the layer numbering. JSON: ``result.to_dict()``.
+
+    Raises:
+        ValueError: an empty probe, an image that does not decode (naming the file), a prompt without
+            vision tokens, fewer than 2 tokens of a modality, non-finite features (naming the layer).
+    """
+    base = _base_model(model)
+    selected = resolve_layers(base, layers, include_embeddings=include_embeddings)
+    samples = prepare_probe(processor, probe, num_samples=num_samples, seed=seed, prompt=prompt, progress=progress)
+    vision_ids = vision_token_ids(base)
+    check_samples(samples, vision_ids)
+    n_vision = sum(s.num_vision_tokens(vision_ids) for s in samples)
+    n_text = sum(s.num_text_tokens for s in samples)
+    for what, n in (("vision", n_vision), ("text", n_text)):
+        if n < 2:
+            raise ValueError(f"MIR needs at least 2 {what} tokens over the probe set, got {n}")
+    if streaming is None:
+        streaming = outliers != "replace_median"
+    extra = {
+        "final_norm": final_norm,
+        "batch_size": batch_size,
+        "padding_side": padding_side,
+        "probe": _probe_name(probe, len(samples), seed),
+        "model": str(getattr(base.config, "_name_or_path", "") or type(base).__name__),
+        "model_dtype": str(base.dtype).removeprefix("torch."),
+        "layer_numbering": _LAYER_NUMBERING,
+    }
+    maths = {"outliers": outliers, "sqrt": sqrt, "log_base": log_base, "outlier_threshold": outlier_threshold}
+    run = dict(
+        final_norm=final_norm, batch_size=batch_size, padding_side=padding_side, device=device, progress=progress
+    )
+    if streaming:
+        acc = StreamingMIR(**maths, layer_indices=selected, device=stats_device, extra_settings=extra)
+        for _ in range(acc.passes_required):
+            for batch in capture(model, processor, samples, layers=selected, dtype=None, **run):
+                acc.update(
+                    [batch.vision[k] for k in selected],
+                    [batch.text[k] for k in selected],
+                    num_samples=len(batch.sample_indices),
+                )
+            acc.end_pass()
+        return acc.result()
+
+    hidden = base.config.get_text_config().hidden_size
+    itemsize = torch.empty((), dtype=base.dtype).element_size()
+    per_layer = (n_vision + n_text) * hidden * itemsize
+    group = len(selected) if max_feature_gb is None else max(1, int(max_feature_gb * 2**30 // per_layer))
+
+    def features(group_layers: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        parts: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {k: ([], []) for k in group_layers}
+        for batch in capture(model, processor, samples, layers=group_layers, dtype=None, output_device="cpu", **run):
+            for k in group_layers:
+                parts[k][0].append(batch.vision[k])
+                parts[k][1].append(batch.text[k])
+        return {k: (torch.cat(v), torch.cat(t)) for k, (v, t) in parts.items()}
+
+    target = torch.device(stats_device) if stats_device is not None else model_input_device(base)
+    store = _LayerStore(features, [selected[i : i + group] for i in range(0, len(selected), group)], target)
+    return mir_from_features(
+        _LayerView(store, selected, 0),
+        _LayerView(store, selected, 1),
+        **maths,
+        layer_indices=selected,
+        num_samples=len(samples),
+        extra_settings=extra,
+    )
+
+
+def _probe_name(probe: Any, n: int, seed: int) -> str:
+    if probe is None:
+        return f"default, {n} pairs (seed {seed})"
+    if isinstance(probe, Probe):
+        return f"{probe.name}, {n} pairs used"
+    kind = "encoded samples" if probe and isinstance(probe[0], EncodedSample) else "pairs"
+    return f"{n} {kind}"
+
+
+class _LayerStore:
+    """Per-layer (vision, text) features, captured one group of layers at a time on first access.
+
+    ``mir_from_features`` walks the layers in order, so each group is captured once and the previous
+    group is released before the next capture: host memory holds one group, the stats device one layer.
+    """
+
+    def __init__(
+        self,
+        run: Callable[[list[int]], dict[int, tuple[torch.Tensor, torch.Tensor]]],
+        groups: list[list[int]],
+        device: torch.device,
+    ) -> None:
+        self._run, self._groups, self._device = run, groups, device
+        self._group_of = {k: i for i, g in enumerate(groups) for k in g}
+        self._loaded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, layer: int, modality: int) -> torch.Tensor:
+        if layer not in self._loaded:
+            self._loaded = {}  # release the previous group before capturing the next
+            self._loaded = self._run(self._groups[self._group_of[layer]])
+        return self._loaded[layer][modality].to(self._device)
+
+
+class _LayerView(Sequence[torch.Tensor]):
+    """One modality of a :class:`_LayerStore` as the list of per-layer features mir_from_features takes."""
+
+    def __init__(self, store: _LayerStore, layers: list[int], modality: int) -> None:
+        self._store, self._layers, self._modality = store, layers, modality
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+    def __getitem__(self, i: int) -> torch.Tensor:  # type: ignore[override]
+        return self._store.get(self._layers[i], self._modality)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line: normalign mir MODEL ...
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _parse_layers(text: str) -> list[int]:
+    """Parse a layer list: '1,2,5-8,-1' -> [1, 2, 5, 6, 7, 8, -1]."""
+    out: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        lo, sep, hi = part.partition("-") if not part.startswith("-") else ("", "", "")
+        try:
+            out += list(range(int(lo), int(hi) + 1)) if sep and lo else [int(part)]
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"bad layer list {text!r}: use e.g. 1,2,5-8,-1") from err
+    return out
+
+
+def register(subparsers: Any) -> None:
+    """Add ``normalign mir`` to the CLI (called by :mod:`hf_normalign.cli`)."""
+    p = subparsers.add_parser(
+        "mir",
+        help="Modality Integration Rate of a model",
+        description="MIR of a VLM (local path or Hub id): per-layer FID table, the MIR, optional JSON.",
+    )
+    p.add_argument("model", help="model directory or Hub repo id (loaded with AutoModelForImageTextToText)")
+    p.add_argument("--images", help="image folder of your probe set (with --texts); default: built-in probe")
+    p.add_argument("--texts", help="text file (one passage per line), .jsonl, or folder of .txt files")
+    p.add_argument("--num-samples", type=int, default=100, help="image-text pairs to use (default 100)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the probe subset and the built-in images")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--layers", type=_parse_layers, help="layers, e.g. 1-8,-1 (default: all decoder layers)")
+    p.add_argument("--include-embeddings", action="store_true", help="also use layer 0, the LLM input")
+    p.add_argument("--outliers", choices=OUTLIER_MODES, default="replace_median")
+    p.add_argument("--sqrt", choices=SQRT_METHODS, default="exact")
+    p.add_argument("--log-base", type=float, default=10.0)
+    p.add_argument("--no-final-norm", action="store_true", help="last layer before the final norm")
+    p.add_argument(
+        "--streaming",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bounded-memory mode (drop/none outliers; default on for those)",
+    )
+    p.add_argument("--prompt", help="prompt with {text} and the image placeholder (default: chat template)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 or auto (device map); default: cuda if available")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    p.add_argument("--load-in-4bit", action="store_true", help="quantise with bitsandbytes (nf4)")
+    p.add_argument("--json", type=Path, help="write the result as JSON here")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    if (args.images is None) != (args.texts is None):
+        print("normalign mir: --images and --texts go together", file=sys.stderr)
+        return 2
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    kwargs: dict[str, Any] = {"dtype": args.dtype, "device_map": device}
+    if args.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+    model = AutoModelForImageTextToText.from_pretrained(args.model, **kwargs)
+    processor = AutoProcessor.from_pretrained(args.model)
+    probe = None
+    if args.images is not None:
+        probe = load_probe(args.images, args.texts, num_samples=args.num_samples, seed=args.seed)
+    result = mir(
+        model,
+        processor,
+        probe,
+        num_samples=args.num_samples,
+        batch_size=args.batch_size,
+        final_norm=not args.no_final_norm,
+        layers=args.layers,
+        include_embeddings=args.include_embeddings,
+        outliers=args.outliers,
+        sqrt=args.sqrt,
+        log_base=args.log_base,
+        streaming=args.streaming,
+        seed=args.seed,
+        prompt=args.prompt,
+        progress=not args.no_progress,
+    )
+    print(result)
+    if args.json is not None:
+        args.json.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0

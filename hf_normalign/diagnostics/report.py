@@ -1,0 +1,557 @@
+"""The diagnostics report: one self-contained ``report.html``, the PNG plots and ``report.json``.
+
+:func:`build_report` runs, for every model given, the norm / update-rate profile
+(:func:`~.profile.modality_profile`), MIR with its per-layer FID (:func:`~.mir.mir`), the key-space
+gap (:func:`~.keyspace.key_space_gap`) and the visual-degradation curves
+(:func:`~.degradation.visual_degradation`), overlays the models in each plot, and writes
+
+- ``report.html``: summary table, plots embedded as base64 PNG (opens anywhere, offline), and the
+  per-layer numbers of every model in collapsible tables;
+- ``norms.png``, ``update_rate.png``, ``mir.png``, ``key_gap.png``, ``key_scatter.png``,
+  ``degradation.png``;
+- ``report.json``: every number shown (the results' ``to_dict()`` plus the summary).
+
+Command line: ``normalign report MODEL [--compare MODEL2 ...] --out DIR``.
+
+Example:
+    >>> from hf_normalign.testing import tiny_model, tiny_processor
+    >>> models = {"base": (tiny_model("llava"), tiny_processor("llava")),
+    ...           "other seed": (tiny_model("llava", seed=1), tiny_processor("llava"))}
+    >>> report = build_report(models, "/tmp/normalign-report", num_samples=6, degradation_samples=12,
+    ...                       progress=False)  # doctest: +SKIP
+    >>> report.html  # doctest: +SKIP
+    PosixPath('/tmp/normalign-report/report.html')
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime as _dt
+import html
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from . import plots
+from .degradation import DegradationResult, visual_degradation
+from .keyspace import KeySpaceResult, key_space_gap
+from .profile import ModalityProfile, json_float, modality_profile
+
+__all__ = ["METRICS", "Report", "build_report", "register"]
+
+METRICS: tuple[str, ...] = ("profile", "mir", "key_space", "degradation")
+
+# plot file stem -> (metric it needs, plotting function, caption)
+_PLOTS: dict[str, tuple[str, Callable[[Mapping[str, Any]], Any], str]] = {
+    "norms": (
+        "profile",
+        plots.plot_norms,
+        "L2 norm of vision and text tokens per layer. Vision tokens usually enter far louder than text; "
+        "a projector LayerNorm brings the ratio towards 1.",
+    ),
+    "update_rate": (
+        "profile",
+        plots.plot_update_rate,
+        "Adjacent-layer cosine similarity: close to 1 means the layer hardly changes those tokens "
+        "(representational inertia of high-norm tokens).",
+    ),
+    "mir": (
+        "mir",
+        plots.plot_mir,
+        "Fréchet distance between vision and text tokens per layer; MIR = log10 of their sum (lower = better "
+        "integrated).",
+    ),
+    "key_gap": (
+        "key_space",
+        plots.plot_key_gap,
+        "Attention keys of vision vs text tokens (solid) against random halves of one modality (the no-gap baseline).",
+    ),
+    "key_scatter": (
+        "key_space",
+        plots.plot_key_scatter,
+        "Vision and text keys projected on their shared first two principal components.",
+    ),
+    "degradation": (
+        "degradation",
+        plots.plot_degradation,
+        "Vision features across depth: effective dimension, redundancy, object contrast and "
+        "linearly decodable image class (dotted: chance).",
+    ),
+}
+
+
+@dataclass
+class Report:
+    """What :func:`build_report` wrote and computed.
+
+    Attributes:
+        out_dir, html, json: the output folder, ``report.html`` and ``report.json``.
+        plots: plot name -> PNG path.
+        results: model name -> metric name -> result object (``ModalityProfile``, ``MIRResult``, ...).
+        summary: model name -> headline numbers (also in the JSON and the HTML summary table).
+    """
+
+    out_dir: Path
+    html: Path
+    json: Path
+    plots: dict[str, Path]
+    results: dict[str, dict[str, Any]]
+    summary: dict[str, dict[str, float | None]] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Running the diagnostics
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _run_metric(
+    metric: str, model: Any, processor: Any, probe: Any, degradation_probe: Any, opts: dict[str, Any]
+) -> Any:
+    common = {"batch_size": opts["batch_size"], "seed": opts["seed"], "progress": opts["progress"]}
+    if metric == "profile":
+        return modality_profile(model, processor, probe, num_samples=opts["num_samples"], **common)
+    if metric == "mir":
+        from .mir import mir
+
+        return mir(model, processor, probe, num_samples=opts["num_samples"], **common)
+    if metric == "key_space":
+        return key_space_gap(
+            model,
+            processor,
+            probe,
+            opts["key_layers"],
+            num_samples=opts["num_samples"],
+            max_samples=opts["max_key_samples"],
+            **common,
+        )
+    return visual_degradation(model, processor, degradation_probe, num_samples=opts["degradation_samples"], **common)
+
+
+def _first_last(values: Sequence[float] | None, layers: Sequence[int]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    return (values[0] if layers[0] == 0 else None), values[-1]
+
+
+def _mean(values: Iterable[float]) -> float:
+    vals = list(values)
+    return sum(vals) / len(vals)
+
+
+def _summary(results: Mapping[str, Any]) -> dict[str, float | None]:
+    """Headline numbers of one model (None where a metric was not run)."""
+    out: dict[str, float | None] = {}
+    prof: ModalityProfile | None = results.get("profile")
+    if prof is not None:
+        out["norm_ratio_input"], out["norm_ratio_last"] = _first_last(prof.norm_ratio, prof.layers)
+        out["vision_update_cos_mean"] = _mean(prof.vision_update_cos) if prof.update_layers else None
+        out["text_update_cos_mean"] = _mean(prof.text_update_cos) if prof.update_layers else None
+    if results.get("mir") is not None:
+        out["mir"] = results["mir"].mir
+    keys: KeySpaceResult | None = results.get("key_space")
+    if keys is not None:
+        out["key_mmd2_mean"] = _mean(keys.mmd2)
+        out["key_mmd2_intra_mean"] = _mean(
+            0.5 * (a + b) for a, b in zip(keys.mmd2_vision_halves, keys.mmd2_text_halves, strict=True)
+        )
+        out["key_jsd_mean"] = _mean(keys.jsd)
+    deg: DegradationResult | None = results.get("degradation")
+    if deg is not None:
+        out["effective_dim_input"], out["effective_dim_last"] = _first_last(deg.effective_dim, deg.layers)
+        out["contrast_ratio_input"], out["contrast_ratio_last"] = _first_last(deg.contrast_ratio, deg.layers)
+        out["probe_accuracy_input"], out["probe_accuracy_last"] = _first_last(deg.probe_accuracy, deg.layers)
+        out["probe_chance"] = deg.probe_chance
+    return out
+
+
+_SUMMARY_LABELS = {
+    "mir": "MIR (lower = better integrated)",
+    "norm_ratio_input": "norm ratio vision/text, LLM input",
+    "norm_ratio_last": "norm ratio vision/text, last layer",
+    "vision_update_cos_mean": "update cos, vision (mean over layers)",
+    "text_update_cos_mean": "update cos, text (mean over layers)",
+    "key_mmd2_mean": "key MMD², vision vs text (mean)",
+    "key_mmd2_intra_mean": "key MMD², intra-modal halves (mean)",
+    "key_jsd_mean": "key JSD, vision vs text (mean)",
+    "effective_dim_input": "effective dimension, LLM input",
+    "effective_dim_last": "effective dimension, last layer",
+    "contrast_ratio_input": "patch contrast ratio, LLM input",
+    "contrast_ratio_last": "patch contrast ratio, last layer",
+    "probe_accuracy_input": "linear-probe accuracy, LLM input",
+    "probe_accuracy_last": "linear-probe accuracy, last layer",
+    "probe_chance": "linear-probe chance level",
+}
+
+
+def build_report(
+    models: Mapping[str, tuple[Any, Any]],
+    out_dir: str | os.PathLike,
+    probe: Any = None,
+    *,
+    degradation_probe: Any = None,
+    metrics: Sequence[str] = METRICS,
+    num_samples: int | None = 100,
+    degradation_samples: int | None = 60,
+    batch_size: int = 8,
+    key_layers: Iterable[int] | None = None,
+    max_key_samples: int | None = 2000,
+    seed: int = 0,
+    title: str = "hf-normalign diagnostics",
+    progress: bool = True,
+) -> Report:
+    """Run the diagnostics on every model and write ``report.html``, the PNG plots and ``report.json``.
+
+    Args:
+        models: ``{name: (model, processor)}``; one or more, overlaid in every plot in this order.
+        out_dir: output folder (created).
+        probe: probe of the profile, MIR and key-space gap (default: the built-in probe).
+        degradation_probe: probe of the degradation metrics (default: the labelled shapes probe).
+        metrics: any of ``METRICS`` ("profile", "mir", "key_space", "degradation").
+        num_samples / degradation_samples: pairs used from each probe (seeded subsets).
+        batch_size: samples per forward pass.
+        key_layers: decoder layers of the key-space gap (default all).
+        max_key_samples: keys kept per modality and layer.
+        seed: seed of the subsets and the samplers.
+        title: heading of the HTML page.
+        progress: tqdm progress bars.
+
+    Example:
+        >>> from hf_normalign.testing import tiny_model, tiny_processor
+        >>> r = build_report({"tiny": (tiny_model("qwen2_vl"), tiny_processor("qwen2_vl"))}, "/tmp/rep",
+        ...                  metrics=["profile"], num_samples=4, progress=False)
+        >>> sorted(r.plots)
+        ['norms', 'update_rate']
+    """
+    if not models:
+        raise ValueError("build_report needs at least one model")
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown or not metrics:
+        raise ValueError(f"unknown metrics {unknown}; choose from {', '.join(METRICS)}")
+    for name, pair in models.items():
+        if not (isinstance(pair, tuple) and len(pair) == 2):
+            raise TypeError(f"models[{name!r}] must be a (model, processor) tuple")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    opts = {
+        "num_samples": num_samples,
+        "degradation_samples": degradation_samples,
+        "batch_size": batch_size,
+        "key_layers": None if key_layers is None else list(key_layers),
+        "max_key_samples": max_key_samples,
+        "seed": seed,
+        "progress": progress,
+    }
+    chosen = [m for m in METRICS if m in metrics]
+    results: dict[str, dict[str, Any]] = {name: {} for name in models}
+    steps = [(name, metric) for name in models for metric in chosen]
+    with tqdm(steps, desc="report", unit="step", disable=not progress) as bar:
+        for name, metric in bar:
+            bar.set_postfix_str(f"{name}: {metric}")
+            model, processor = models[name]
+            results[name][metric] = _run_metric(metric, model, processor, probe, degradation_probe, opts)
+    summary = {name: _summary(res) for name, res in results.items()}
+
+    written: dict[str, Path] = {}
+    plt = plots._plt()
+    for stem, (metric, draw, _caption) in tqdm(_PLOTS.items(), desc="plots", disable=not progress, leave=False):
+        if metric not in chosen:
+            continue
+        fig = draw({name: res[metric] for name, res in results.items()})
+        path = out / f"{stem}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written[stem] = path
+
+    data = _json_data(models, results, summary, written, opts, title)
+    json_path = out / "report.json"
+    json_path.write_text(json.dumps(data, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    html_path = out / "report.html"
+    html_path.write_text(_html(data, written), encoding="utf-8")
+    return Report(out, html_path, json_path, written, results, summary)
+
+
+def _model_source(model: Any) -> str:
+    config = getattr(model, "config", None)
+    return str(getattr(config, "_name_or_path", "") or type(model).__name__)
+
+
+def _json_data(
+    models: Mapping[str, tuple[Any, Any]],
+    results: Mapping[str, Mapping[str, Any]],
+    summary: Mapping[str, Mapping[str, float | None]],
+    written: Mapping[str, Path],
+    opts: Mapping[str, Any],
+    title: str,
+) -> dict[str, Any]:
+    from .. import __version__
+
+    return {
+        "title": title,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "hf_normalign_version": __version__,
+        "settings": {k: v for k, v in opts.items() if k != "progress"},
+        "plots": {stem: path.name for stem, path in written.items()},
+        "models": {
+            name: {
+                "source": _model_source(models[name][0]),
+                "model_type": str(getattr(getattr(models[name][0], "config", None), "model_type", "")),
+                "summary": {k: json_float(v) for k, v in summary[name].items()},
+                **{metric: result.to_dict() for metric, result in results[name].items()},
+            }
+            for name in results
+        },
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# HTML
+# ----------------------------------------------------------------------------------------------------------
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;background:#f6f7f9;color:#1d2329}
+header{background:#1d2d44;color:#fff;padding:18px 32px}header h1{margin:0 0 4px;font-size:22px}
+header p{margin:0;opacity:.8;font-size:13px}main{max-width:1180px;margin:0 auto;padding:16px 32px 48px}
+section{background:#fff;border-radius:8px;box-shadow:0 1px 3px rgba(0,0,0,.08);margin:18px 0;padding:14px 20px}
+h2{font-size:18px;margin:4px 0 6px}p.caption{color:#4a5560;font-size:14px;margin:0 0 10px}
+img{max-width:100%;height:auto;display:block;margin:6px auto}
+table{border-collapse:collapse;font-size:12.5px;margin:8px 0}th,td{padding:3px 9px;text-align:right}
+th{background:#eef1f4;position:sticky;top:0}tr:nth-child(even) td{background:#fafbfc}
+td:first-child,th:first-child{text-align:left}details{margin:6px 0}summary{cursor:pointer;color:#2a5d9f}
+.na{color:#9aa3ab}
+"""
+
+_SECTIONS: dict[str, tuple[str, list[str]]] = {
+    "profile": ("Norms and update rate", ["norms", "update_rate"]),
+    "mir": ("Modality Integration Rate", ["mir"]),
+    "key_space": ("Key-space gap", ["key_gap", "key_scatter"]),
+    "degradation": ("Visual degradation", ["degradation"]),
+}
+
+# metric -> (columns of its per-layer table: JSON key -> header), JSON key holding the layer numbers
+_TABLES: dict[str, tuple[dict[str, str], str]] = {
+    "profile": (
+        {
+            "vision_norm_mean": "|vision| mean",
+            "vision_norm_std": "|vision| std",
+            "vision_norm_median": "|vision| median",
+            "text_norm_mean": "|text| mean",
+            "text_norm_std": "|text| std",
+            "text_norm_median": "|text| median",
+            "norm_ratio": "ratio",
+        },
+        "layers",
+    ),
+    "mir": ({"per_layer": "FID"}, "layers"),
+    "key_space": (
+        {
+            "mmd2": "MMD²",
+            "mmd2_vision_halves": "MMD² V|V",
+            "mmd2_text_halves": "MMD² T|T",
+            "jsd": "JSD",
+            "jsd_vision_halves": "JSD V|V",
+            "jsd_text_halves": "JSD T|T",
+            "bandwidth": "bandwidth h",
+            "jsd_bins": "JSD bins/axis",
+        },
+        "layers",
+    ),
+    "degradation": (
+        {
+            "effective_dim": "effective dim",
+            "offdiag_corr": "|corr|",
+            "cohesion": "cohesion",
+            "coupling": "coupling",
+            "contrast_ratio": "contrast ratio",
+            "probe_accuracy": "probe accuracy",
+        },
+        "layers",
+    ),
+}
+
+
+def format_number(value: Any) -> str:
+    """How the HTML shows a number: 4 significant digits, ints as is, None as a dash, "nan" as text."""
+    if value is None:
+        return "–"
+    if isinstance(value, (bool, str, int)):
+        return str(value)
+    return f"{value:.4g}" if math.isfinite(value) else str(value)
+
+
+def _cell(value: Any) -> str:
+    text = html.escape(format_number(value))
+    return f'<td class="na">{text}</td>' if value is None else f"<td>{text}</td>"
+
+
+def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join(
+        "<tr>" + "".join(_cell(v) if i else f"<td>{html.escape(str(v))}</td>" for i, v in enumerate(row)) + "</tr>"
+        for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _layer_table(metric: str, result: Mapping[str, Any]) -> str:
+    columns, layer_key = _TABLES[metric]
+    layers = result[layer_key]
+    present = {k: h for k, h in columns.items() if result.get(k) is not None}
+    rows = [[layer, *(result[k][i] for k in present)] for i, layer in enumerate(layers)]
+    table = _table(["layer", *present.values()], rows)
+    if metric == "profile":  # the update cosines are per decoder layer, a separate index
+        table += _table(
+            ["decoder layer", "cos vision", "cos text"],
+            zip(result["update_layers"], result["vision_update_cos"], result["text_update_cos"], strict=True),
+        )
+    return table
+
+
+def _img(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}" data-file="{html.escape(path.name)}">'
+
+
+def _settings_text(settings: Mapping[str, Any]) -> str:
+    return "; ".join(f"{k}: {v}" for k, v in settings.items())
+
+
+def _html(data: Mapping[str, Any], written: Mapping[str, Path]) -> str:
+    names = list(data["models"])
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{html.escape(data['title'])}</title><style>{_CSS}</style></head><body>",
+        f"<header><h1>{html.escape(data['title'])}</h1><p>"
+        + ", ".join(f"<b>{html.escape(n)}</b> ({html.escape(data['models'][n]['source'])})" for n in names)
+        + f" &middot; hf-normalign {html.escape(data['hf_normalign_version'])} &middot; {html.escape(data['created'])}"
+        "</p></header><main>",
+    ]
+    keys = [k for k in _SUMMARY_LABELS if any(k in data["models"][n]["summary"] for n in names)]
+    rows = [[_SUMMARY_LABELS[k], *(data["models"][n]["summary"].get(k) for n in names)] for k in keys]
+    parts.append(f'<section id="summary"><h2>Summary</h2>{_table(["", *names], rows)}</section>')
+    for metric, (heading, stems) in _SECTIONS.items():
+        if not any(metric in data["models"][n] for n in names):
+            continue
+        parts.append(f'<section id="{metric}"><h2>{html.escape(heading)}</h2>')
+        for stem in stems:
+            if stem in written:
+                caption = _PLOTS[stem][2]
+                parts.append(f'<p class="caption">{html.escape(caption)}</p>{_img(written[stem], caption)}')
+        for n in names:
+            result = data["models"][n][metric]
+            parts.append(
+                f"<details><summary>{html.escape(n)}: numbers per layer</summary>"
+                f"{_layer_table(metric, result)}"
+                f'<p class="caption">{html.escape(_settings_text(result.get("settings", {})))}</p>'
+                "</details>"
+            )
+        parts.append("</section>")
+    parts.append("</main></body></html>")
+    return "\n".join(parts) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line: normalign report MODEL [--compare MODEL2] --out DIR
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _names(paths: Sequence[str]) -> list[str]:
+    """Short, unique display names: the last path component, numbered when two agree."""
+    base = [Path(p.rstrip("/\\")).name or p for p in paths]
+    return [f"{b} ({i + 1})" if base.count(b) > 1 else b for i, b in enumerate(base)]
+
+
+def register(subparsers: Any) -> None:
+    """Add ``normalign report`` to the CLI (called by :mod:`hf_normalign.cli`)."""
+    from .mir import _parse_layers
+
+    p = subparsers.add_parser(
+        "report",
+        help="HTML report of the modality-gap diagnostics",
+        description="Norm / update-rate profiles, MIR, key-space gap and visual degradation of MODEL "
+        "(and of each --compare model, overlaid) as report.html + PNG plots + report.json in --out.",
+    )
+    p.add_argument("model", help="model directory or Hub repo id (aligned checkpoints load patched)")
+    p.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="MODEL2",
+        help="another model to overlay, e.g. the aligned one next to its baseline (repeatable)",
+    )
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--metrics", default=",".join(METRICS), help=f"comma-separated subset of {','.join(METRICS)}")
+    p.add_argument("--images", help="image folder of your probe set (with --texts); default: built-in probe")
+    p.add_argument("--texts", help="text file (one passage per line), .jsonl, or folder of .txt files")
+    p.add_argument("--num-samples", type=int, default=100, help="probe pairs (default 100)")
+    p.add_argument("--degradation-samples", type=int, default=60, help="labelled shapes images (default 60)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--key-layers", type=_parse_layers, help="decoder layers of the key-space gap, e.g. 1-8,-1")
+    p.add_argument("--max-key-samples", type=int, default=2000, help="keys per modality and layer (default 2000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--title", default="hf-normalign diagnostics")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 or auto (device map); default: cuda if available")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_main)
+
+
+def _load(source: str, device: str, dtype: str) -> tuple[Any, Any]:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from ..persistence import install
+
+    install()  # aligned checkpoints (normalign_config.json) load patched
+    model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype, device_map=device)
+    return model, AutoProcessor.from_pretrained(source)
+
+
+def _main(args: argparse.Namespace) -> int:
+    if (args.images is None) != (args.texts is None):
+        print("normalign report: error: --images and --texts go together", file=sys.stderr)
+        return 2
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown or not metrics:  # before loading any model
+        print(f"normalign report: error: unknown metrics {unknown}; choose from {','.join(METRICS)}", file=sys.stderr)
+        return 2
+    sources = [args.model, *args.compare]
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    probe = None
+    try:
+        if args.images is not None:
+            from .probe import load_probe
+
+            probe = load_probe(args.images, args.texts, num_samples=args.num_samples, seed=args.seed)
+        models = {name: _load(src, device, args.dtype) for name, src in zip(_names(sources), sources, strict=True)}
+        report = build_report(
+            models,
+            args.out,
+            probe,
+            metrics=metrics,
+            num_samples=args.num_samples,
+            degradation_samples=args.degradation_samples,
+            batch_size=args.batch_size,
+            key_layers=args.key_layers,
+            max_key_samples=args.max_key_samples,
+            seed=args.seed,
+            title=args.title,
+            progress=not args.no_progress,
+        )
+    except (ValueError, OSError) as err:
+        print(f"normalign report: error: {err}", file=sys.stderr)
+        return 2
+    for name, values in report.summary.items():
+        shown = ", ".join(f"{k} {format_number(v)}" for k, v in values.items() if v is not None)
+        print(f"{name}: {shown}")
+    print(f"wrote {report.html}, {report.json} and {len(report.plots)} plots")
+    return 0

@@ -1,0 +1,93 @@
+"""MIRCallback inside a real HF Trainer run on a tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from hf_normalign.callbacks import MIRCallback
+from hf_normalign.diagnostics.mir import mir
+from hf_normalign.testing import tiny_batch, tiny_model, tiny_processor
+
+
+class Rows(torch.utils.data.Dataset):
+    def __init__(self, model, n: int = 32) -> None:
+        self.rows = [tiny_batch(model, batch_size=1, seed=i) for i in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.rows[i]
+
+
+def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {k: torch.cat([it[k] for it in items]) for k in items[0]}
+
+
+class ReporterSpy(TrainerCallback):
+    """Stands where reporting integrations (TensorBoard, W&B) stand: before user callbacks."""
+
+    def __init__(self) -> None:
+        self.logged: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logged.append(dict(logs))
+
+
+def run(tmp_path, callback: MIRCallback, *, lr: float, max_steps: int, processor=None):
+    model = tiny_model("llava")
+    spy = ReporterSpy()
+    args = TrainingArguments(
+        str(tmp_path / "out"),
+        max_steps=max_steps,
+        learning_rate=lr,
+        per_device_train_batch_size=2,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        remove_unused_columns=False,
+        disable_tqdm=True,
+    )
+    trainer = Trainer(
+        model, args, train_dataset=Rows(model), data_collator=collate, processing_class=processor,
+        callbacks=[spy, callback],
+    )  # fmt: skip
+    trainer.train()
+    return trainer, spy
+
+
+def test_logs_mir_through_the_trainer(tmp_path):
+    proc = tiny_processor("llava")
+    callback = MIRCallback(every_n_steps=2, num_samples=6, batch_size=4, log_per_layer=True)
+    trainer, spy = run(tmp_path, callback, lr=1e-2, max_steps=4, processor=proc)  # processor from the Trainer
+    logged = [h for h in trainer.state.log_history if "mir" in h]
+    assert [h["step"] for h in logged] == [2, 4] and trainer.state.global_step == 4
+    assert [s["mir"] for s in spy.logged if "mir" in s] == [h["mir"] for h in logged]  # reporters see it
+    assert {"mir_fid/layer_1", "mir_fid/layer_2"} <= set(logged[0])
+    assert [step for step, _ in callback.results] == [2, 4]
+    assert logged[0]["mir"] != logged[1]["mir"]  # the model trained in between
+    assert trainer.model.training  # train mode restored after each measurement
+    # The logged value is MIR of the trained model on the same fixed subset.
+    final = mir(trainer.model, proc, num_samples=6, batch_size=4, progress=False)
+    assert logged[-1]["mir"] == pytest.approx(final.mir, rel=1e-6)
+
+
+def test_early_stopping_when_mir_stops_improving(tmp_path):
+    # lr = 0: MIR is constant, so with min_delta > 0 every evaluation after the first is "no improvement".
+    callback = MIRCallback(
+        tiny_processor("llava"), every_n_steps=1, num_samples=4, early_stopping_patience=2, min_delta=1e-3
+    )
+    trainer, _ = run(tmp_path, callback, lr=0.0, max_steps=10)
+    assert trainer.state.global_step == 3
+    assert [h["step"] for h in trainer.state.log_history if "mir" in h] == [1, 2, 3]
+    assert callback.evaluations_without_improvement == 2
+
+
+def test_arguments_are_checked():
+    with pytest.raises(ValueError, match="every_n_steps"):
+        MIRCallback(every_n_steps=0)
+    with pytest.raises(ValueError, match="patience"):
+        MIRCallback(early_stopping_patience=0)
