@@ -39,7 +39,7 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory() as out:
         training = TrainingArguments(
-            out, max_steps=args.steps, per_device_train_batch_size=2, learning_rate=1e-3, warmup_steps=1,
+            out, max_steps=args.steps, per_device_train_batch_size=2, learning_rate=1e-3, warmup_steps=0.03,
             lr_scheduler_type="cosine", logging_steps=1, save_strategy="no", report_to=[],
             remove_unused_columns=False,
         )
