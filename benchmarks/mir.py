@@ -198,11 +198,15 @@ def bench_memory(hidden: int, layers: int, counts: list[int], device: str, dtype
         for n in counts:
             spec = {"hidden": hidden, "layers": layers, "device": device, "dtype": dtype, "outliers": outliers,
                     "samples": n}  # fmt: skip
+            # A fixed glibc mmap threshold returns freed tensors to the OS at once; with the default dynamic
+            # threshold, heap fragmentation makes RSS creep with the number of batches, whatever the algorithm.
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1048576"}
             done = subprocess.run(
                 [sys.executable, __file__, "--memory-child", json.dumps(spec)],
                 capture_output=True,
                 text=True,
                 check=True,
+                env=env,
             )
             res = {**spec, **json.loads(done.stdout.strip().splitlines()[-1])}
             out["runs"].append(res)
