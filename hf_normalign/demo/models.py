@@ -14,8 +14,9 @@
   ``gain * sqrt(hidden)``. :func:`build_model` sets that gain so the features have norm ``vision_norm`` (40 by
   default); the Pre-Norm encoder layers add updates that are small against it.
 - Projector: LLaVA's two-layer MLP, initialised He-normal (fan-in), which carries the feature norm through
-  (~40 in, a similar size out), as the loud vision tokens of a real LLaVA are. transformers' own init
-  (std 0.02) would shrink them to about the text scale and hide the very gap the demo is about.
+  (40 in, 50-65 out, over 100x the text embeddings), as the loud vision tokens of a real LLaVA are.
+  transformers' own init (std 0.02) would shrink them to about the text scale and hide the very gap the
+  demo is about.
 
 Example:
     >>> from hf_normalign.demo.data import build_tokenizer
