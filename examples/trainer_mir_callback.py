@@ -39,12 +39,24 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory() as out:
         training = TrainingArguments(
-            out, max_steps=args.steps, per_device_train_batch_size=2, learning_rate=1e-3, warmup_steps=0.03,
-            lr_scheduler_type="cosine", logging_steps=1, save_strategy="no", report_to=[],
+            out,
+            max_steps=args.steps,
+            per_device_train_batch_size=2,
+            learning_rate=1e-3,
+            warmup_steps=0.03,
+            lr_scheduler_type="cosine",
+            logging_steps=1,
+            save_strategy="no",
+            report_to=[],
             remove_unused_columns=False,
         )
-        trainer = Trainer(model=model, args=training, train_dataset=rows, data_collator=collate,
-                          callbacks=[normalign.NormAlignCallback(), mir])
+        trainer = Trainer(
+            model=model,
+            args=training,
+            train_dataset=rows,
+            data_collator=collate,
+            callbacks=[normalign.NormAlignCallback(), mir],
+        )
         trainer.train()
     for entry in trainer.state.log_history:
         if "mir" in entry:

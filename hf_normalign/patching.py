@@ -276,9 +276,7 @@ def _resolve_config(config, methods, overrides) -> NormAlignConfig:
         if methods is None:
             given = [m for m in METHODS if overrides.get(m)]
             if not given:
-                raise ValueError(
-                    f"Nothing to patch: pass methods=... (any of {list(METHODS)}) or a NormAlignConfig."
-                )
+                raise ValueError(f"Nothing to patch: pass methods=... (any of {list(METHODS)}) or a NormAlignConfig.")
             methods = given
         return NormAlignConfig.from_methods(methods, **overrides)
     if overrides:
@@ -417,9 +415,7 @@ def patch(
 def _register_hooks(plugin, base, spec, layers, projectors, moca_layers) -> None:
     config = plugin.config
     plugin.add_hook(spec.get(base, spec.input_module), "forward_pre", _input_pre_hook, with_kwargs=True)
-    plugin.add_hook(
-        spec.get(base, spec.input_module), "forward", _input_post_hook, with_kwargs=True, always_call=True
-    )
+    plugin.add_hook(spec.get(base, spec.input_module), "forward", _input_post_hook, with_kwargs=True, always_call=True)
     if config.projector_norm is not None:
         for index, projector in enumerate(projectors):
             plugin.add_hook(projector, "forward", functools.partial(_projector_hook, index))

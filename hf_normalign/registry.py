@@ -122,9 +122,7 @@ def get_spec(model_or_config) -> ArchitectureSpec:
     )
 
 
-def embedding_scale(
-    model: nn.Module, spec: ArchitectureSpec, *, eps: float = 1e-6, chunk: int = 8192
-) -> float:
+def embedding_scale(model: nn.Module, spec: ArchitectureSpec, *, eps: float = 1e-6, chunk: int = 8192) -> float:
     """Mean L2 norm of the non-zero rows of the input embedding *as the LLM receives it*.
 
     Calls the embedding module itself, so a scale applied in its forward (Gemma's sqrt(H)) counts.
@@ -141,9 +139,7 @@ def embedding_scale(
             total += float(norms[keep].sum())
             count += int(keep.sum())
     if count == 0:
-        raise ValueError(
-            "Every row of the input embedding is zero; pass ProjectorNormConfig(target_norm=...)."
-        )
+        raise ValueError("Every row of the input embedding is zero; pass ProjectorNormConfig(target_norm=...).")
     return total / count
 
 

@@ -7,7 +7,5 @@ from hf_normalign.registry import ArchitectureSpec, register_architecture
 from ._layouts import QWEN_STYLE
 
 SPEC = register_architecture(
-    ArchitectureSpec(
-        model_type="qwen3_vl", extra_projectors=("model.visual.deepstack_merger_list",), **QWEN_STYLE
-    )
+    ArchitectureSpec(model_type="qwen3_vl", extra_projectors=("model.visual.deepstack_merger_list",), **QWEN_STYLE)
 )

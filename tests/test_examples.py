@@ -20,8 +20,13 @@ def run(script: str, *args: str, cwd: Path) -> str:
 
 
 def test_every_example_has_a_test():
-    tested = {"patch_from_hub.py", "mir_local_model.py", "trainer_mir_callback.py", "qlora_plugin.py",
-              "push_to_hub_staging.py"}
+    tested = {
+        "patch_from_hub.py",
+        "mir_local_model.py",
+        "trainer_mir_callback.py",
+        "qlora_plugin.py",
+        "push_to_hub_staging.py",
+    }
     assert {p.name for p in EXAMPLES.glob("*.py")} == tested
 
 
@@ -53,6 +58,12 @@ def test_qlora_plugin(tmp_path):
 def test_push_to_hub_staging(tmp_path):
     out = run("push_to_hub_staging.py", "--out", str(tmp_path / "staged"), cwd=tmp_path)
     files = out.split("would upload:\n")[1].split("\n\n")[0].split()
-    assert files == ["config.json", "generation_config.json", "model.safetensors", "normalign.safetensors",
-                     "normalign_config.json", "README.md"]
+    assert files == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "normalign.safetensors",
+        "normalign_config.json",
+        "README.md",
+    ]
     assert "without the intervention" in out and "| `gwc` | `true` |" in out

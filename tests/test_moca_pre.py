@@ -166,9 +166,7 @@ def test_all_three_methods_gradient_checkpointing_gives_same_gradients(family):
         model = tiny_model(family, num_hidden_layers=4)
         make_vision_loud(model)
         torch.manual_seed(0)  # the PRe head's init draws from the global RNG
-        normalign.patch(
-            model, methods=["projector_norm", "moca", "pre"], moca=normalign.MoCaConfig(init_std=0.1)
-        )
+        normalign.patch(model, methods=["projector_norm", "moca", "pre"], moca=normalign.MoCaConfig(init_std=0.1))
         model.train()
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -217,9 +215,7 @@ def test_trainer_gradient_accumulation_matches_large_batch(family, tmp_path):
         torch.manual_seed(0)
         model = tiny_model(family, num_hidden_layers=4)
         make_vision_loud(model)
-        normalign.patch(
-            model, methods=["projector_norm", "moca", "pre"], moca=normalign.MoCaConfig(init_std=0.1)
-        )
+        normalign.patch(model, methods=["projector_norm", "moca", "pre"], moca=normalign.MoCaConfig(init_std=0.1))
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         args = TrainingArguments(
             str(tmp_path / f"run{batch_size}"),

@@ -119,18 +119,14 @@ def test_deepcopy_gets_its_own_plugin():
 
 
 def test_target_norm_override():
-    model = normalign.patch(
-        tiny_model("llava"), projector_norm=normalign.ProjectorNormConfig(target_norm=2.0)
-    )
+    model = normalign.patch(tiny_model("llava"), projector_norm=normalign.ProjectorNormConfig(target_norm=2.0))
     gain = model.normalign.projector_norm[0].weight
     torch.testing.assert_close(gain, torch.full_like(gain, 2.0 / gain.numel() ** 0.5))
 
 
 def test_qwen3_deepstack_option():
     on = normalign.patch(tiny_model("qwen3_vl"), methods="projector_norm")
-    off = normalign.patch(
-        tiny_model("qwen3_vl"), projector_norm=normalign.ProjectorNormConfig(deepstack=False)
-    )
+    off = normalign.patch(tiny_model("qwen3_vl"), projector_norm=normalign.ProjectorNormConfig(deepstack=False))
     n_deepstack = len(on.model.visual.deepstack_merger_list)
     assert len(on.normalign.projector_norm) == 1 + n_deepstack
     assert len(off.normalign.projector_norm) == 1
@@ -151,9 +147,7 @@ def test_errors_name_problem_and_fix():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     text_only = LlamaForCausalLM(
-        LlamaConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64
-        )
+        LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64)
     )
     with pytest.raises(ValueError, match="text-only"):
         normalign.patch(text_only, methods="projector_norm")

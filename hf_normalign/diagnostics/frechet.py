@@ -57,9 +57,7 @@ def _to_f64(x: Any, what: str, name: str | None) -> torch.Tensor:
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(np.ascontiguousarray(x))  # torch rejects negative strides
     elif not isinstance(x, torch.Tensor):
-        raise TypeError(
-            f"{_where(name)}{what} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}"
-        )
+        raise TypeError(f"{_where(name)}{what} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
     if x.dtype.is_complex or x.dtype == torch.bool:
         raise TypeError(f"{_where(name)}{what} must have a real numeric dtype, got {x.dtype}")
     return x.detach().to(torch.float64)
@@ -70,18 +68,14 @@ def _check_features(x: torch.Tensor, what: str, name: str | None) -> None:
     if x.ndim != 2:
         raise ValueError(f"{_where(name)}{what} must be 2-D [tokens, dim], got shape {tuple(x.shape)}")
     if x.shape[0] < 2:
-        raise ValueError(
-            f"{_where(name)}{what} needs at least 2 rows to estimate a covariance, got {x.shape[0]}"
-        )
+        raise ValueError(f"{_where(name)}{what} needs at least 2 rows to estimate a covariance, got {x.shape[0]}")
 
 
 def _check_finite(x: torch.Tensor, col_mean: torch.Tensor, what: str, name: str | None) -> None:
     # A NaN/inf anywhere makes its column mean non-finite: an O(d) test instead of another pass over x.
     if not bool(torch.isfinite(col_mean).all()):
         bad = int((~torch.isfinite(x)).any(dim=1).sum())
-        problem = (
-            f"non-finite values (NaN/inf) in {bad} row(s)" if bad else "values whose sums overflow float64"
-        )
+        problem = f"non-finite values (NaN/inf) in {bad} row(s)" if bad else "values whose sums overflow float64"
         raise ValueError(f"{_where(name)}{what} contains {problem}")
 
 
@@ -218,9 +212,7 @@ def frechet_from_moments(
     sx = _to_f64(cov_x, "cov_x", name).to(mx.device)
     sy = _to_f64(cov_y, "cov_y", name).to(mx.device)
     if mx.ndim != 1 or my.shape != mx.shape:
-        raise ValueError(
-            f"{_where(name)}means must be 1-D of equal size, got {tuple(mx.shape)}, {tuple(my.shape)}"
-        )
+        raise ValueError(f"{_where(name)}means must be 1-D of equal size, got {tuple(mx.shape)}, {tuple(my.shape)}")
     if sx.shape != (mx.shape[0],) * 2:
         raise ValueError(f"{_where(name)}cov_x must be [{mx.shape[0]}, {mx.shape[0]}], got {tuple(sx.shape)}")
     if not (bool(torch.isfinite(mx).all()) and bool(torch.isfinite(my).all())):

@@ -213,9 +213,7 @@ def _settings(
     return out
 
 
-def _layer_features(
-    v: Any, t: Any, name: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _layer_features(v: Any, t: Any, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """float64 vision and text features of one layer, checked, with their per-token L2 norms."""
     vs = _to_f64(v, "vision features", name)
     ts = _to_f64(t, "text features", name).to(vs.device)
