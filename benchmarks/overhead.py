@@ -59,14 +59,14 @@ def build(hidden: int, layers: int, image_size: int) -> torch.nn.Module:
     return AutoModelForImageTextToText.from_config(config).train()
 
 
-def batch_for(model, batch_size: int, text_tokens: int) -> dict[str, torch.Tensor]:
-    cfg = model.config
-    n_vision = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
-    ids = torch.randint(1, 31000, (batch_size, text_tokens + n_vision))
-    ids[:, 8 : 8 + n_vision] = cfg.image_token_id
-    labels = ids.clone()
-    labels[ids == cfg.image_token_id] = -100
-    pixels = torch.randn(batch_size, 3, cfg.vision_config.image_size, cfg.vision_config.image_size)
+def batch_for(config, batch_size: int, text_tokens: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    vision = config.vision_config
+    n_vision = (vision.image_size // vision.patch_size) ** 2
+    ids = torch.randint(1, 31000, (batch_size, text_tokens + n_vision), generator=gen)
+    ids[:, 8 : 8 + n_vision] = config.image_token_id
+    labels = ids.masked_fill(ids == config.image_token_id, -100)
+    pixels = torch.randn(batch_size, 3, vision.image_size, vision.image_size, generator=gen)
     return {"input_ids": ids, "pixel_values": pixels, "labels": labels}
 
 
@@ -100,7 +100,7 @@ def main() -> None:
     args = parser.parse_args()
     hidden, layers, image_size = (256, 2, 168) if args.quick else (1024, 8, 336)
     model = build(hidden, layers, image_size)
-    batch = batch_for(model, batch_size=2, text_tokens=64)
+    batch = batch_for(model.config, batch_size=2, text_tokens=64)
     print(
         f"LLaVA-shaped: D={hidden}, {layers} layers, {batch['input_ids'].shape[1]} tokens "
         f"({(image_size // 14) ** 2} vision), batch 2, threads={torch.get_num_threads()}"

@@ -34,54 +34,22 @@ import time
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForImageTextToText
+from transformers import AutoModelForImageTextToText
 
 import hf_normalign as normalign
 from hf_normalign.patching import get_plugin
 from hf_normalign.peft_utils import mark_plugin_trainable
 from hf_normalign.quantization import bnb_config, prepare_for_kbit_training
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from overhead import batch_for, build, saved_activation_bytes
+
 VARIANTS = {"unpatched": [], "all three": ["projector_norm", "moca", "pre"]}
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-IMAGE_TOKEN_ID = 31999
 
 
 def build_checkpoint(path: str, hidden: int, layers: int) -> None:
-    config = AutoConfig.for_model(
-        "llava",
-        text_config={
-            "model_type": "llama",
-            "hidden_size": hidden,
-            "intermediate_size": hidden * 11 // 4,
-            "num_hidden_layers": layers,
-            "num_attention_heads": hidden // 64,
-            "num_key_value_heads": hidden // 64,
-            "vocab_size": 32000,
-        },
-        vision_config={
-            "model_type": "clip_vision_model",
-            "hidden_size": 256,
-            "intermediate_size": 512,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "image_size": 168,  # (168 / 14)^2 = 144 vision tokens
-            "patch_size": 14,
-        },
-        image_token_id=IMAGE_TOKEN_ID,
-    )
-    torch.manual_seed(0)
-    AutoModelForImageTextToText.from_config(config).save_pretrained(path)
-
-
-def batch_for(config, batch_size: int, text_tokens: int) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(0)
-    vision = config.vision_config
-    n_vision = (vision.image_size // vision.patch_size) ** 2
-    ids = torch.randint(1, 31000, (batch_size, text_tokens + n_vision), generator=gen)
-    ids[:, 8 : 8 + n_vision] = IMAGE_TOKEN_ID
-    labels = ids.masked_fill(ids == IMAGE_TOKEN_ID, -100)
-    pixels = torch.randn(batch_size, 3, vision.image_size, vision.image_size, generator=gen)
-    return {"input_ids": ids, "pixel_values": pixels, "labels": labels}
+    build(hidden, layers, image_size=168).save_pretrained(path)  # (168 / 14)^2 = 144 vision tokens
 
 
 def rss_kib(field: str) -> int:
@@ -90,20 +58,6 @@ def rss_kib(field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def saved_activation_bytes(model, batch) -> int:
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(**batch).loss
-    loss.backward()
-    model.zero_grad(set_to_none=True)
-    return sum(storages.values())
 
 
 def worker(variant: str, checkpoint: str, steps: int, dtype: torch.dtype) -> dict[str, Any]:
