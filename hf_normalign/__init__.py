@@ -13,7 +13,7 @@ from . import diagnostics, persistence, testing
 from .callbacks import MIRCallback
 from .config import MoCaConfig, NormAlignConfig, PReConfig, ProjectorNormConfig
 from .hub import push_to_hub
-from .patching import get_config, is_patched, patch, unpatch
+from .patching import get_config, is_patched, patch, set_loss_scaler, unpatch
 from .peft_utils import mark_plugin_trainable, plugin_lora_exclude_modules
 from .persistence import (
     AutoNormAlignModelForImageTextToText,
@@ -63,6 +63,7 @@ __all__ = [
     "read_checkpoint_info",
     "register_architecture",
     "save_pretrained",
+    "set_loss_scaler",
     "supported_architectures",
     "testing",
     "unpatch",

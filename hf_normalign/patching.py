@@ -6,13 +6,15 @@ working under gradient checkpointing (hooks run outside the checkpointed `forwar
 wrappers (which copy or wrap the hooked modules, hooks included), quantised Linears and TRL's
 fused-loss path (which calls the inner model, so the submodule hooks still run).
 
-Per-forward flow:
-  root pre-hook        -> remembers whether `labels` were passed (PRe is computed with labels
-                          or in training mode only)
-  input-module hooks   -> vision-position mask from `input_ids` / `inputs_embeds`, cleared after
+Per-forward flow (the state of one forward travels in its own keyword arguments, never on a module, so
+concurrent forwards are independent and `torch.compile(fullgraph=True)` traces it without branches on
+tensor values):
+  root pre-hook        -> PRe state {"active", "labels"} into kwargs (PRe runs with labels or in training)
+  input-module hook    -> vision-position mask from `input_ids` / `inputs_embeds` into kwargs
   projector hook(s)    -> projector LayerNorm (+ GWC)
-  LLM pre-hook         -> PRe anchor: the vision embeddings as the LLM receives them
-  decoder-layer hooks  -> MoCa on vision rows; PRe loss at its layer, gradient injected there
+  LLM pre-hook         -> PRe anchor: the vision embeddings as the LLM receives them, into kwargs
+  decoder-layer hooks  -> MoCa on vision positions (`where` over the mask); PRe loss at its layer, gradient
+                          injected there, value written into the PRe state
   root post-hook       -> `outputs.loss += weight * pre_loss`, `outputs["pre_loss"]`
 """
 
@@ -21,6 +23,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import threading
+import typing
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers.utils import ModelOutput
+from transformers.utils.import_utils import torch_compilable_check
 
 from .config import METHODS, NormAlignConfig
 from .methods.moca import MoCaLayer, moca_key
@@ -54,7 +59,11 @@ class NormAlignModules(nn.Module):
     """The plugin modules of one patched model, registered as ``model.normalign``.
 
     Parameters have stable names: ``projector_norm.0`` (main projector; ``.1``... Qwen3-VL
-    deepstack mergers), ``moca.layer_{i}_norm.{scale,shift}``, ``pre_head.{fc1,fc2}``.
+    deepstack mergers), ``moca.layer_{i}_norm.{scale,shift}``, ``pre_head.{fc1,fc2}``. They stay fp32
+    whatever dtype the base model is cast to.
+
+    Holds configuration only: the per-forward state (vision mask, PRe anchor and loss) travels in the
+    forward's own keyword arguments, so concurrent forwards on one model do not see each other's state.
     """
 
     def __init__(self, config: NormAlignConfig, spec: ArchitectureSpec):
@@ -66,21 +75,25 @@ class NormAlignModules(nn.Module):
         # Set by `NormAlignCallback` to 1 / gradient_accumulation_steps so the injected PRe
         # gradient keeps its weight when the trainer divides the LM loss.
         self.pre_grad_scale = 1.0
-        self.labels_given = False
-        # The unweighted PRe loss of the latest forward that computed one (detached).
+        # fp16 loss scaling: see `set_loss_scaler`.
+        self.loss_scaler: Any = None
+        self.loss_scaler_declared = False
+        # The unweighted PRe loss of the latest forward that computed one (detached), for logging only.
         self.last_pre_loss: torch.Tensor | None = None
         self._hooks: list[_Hook] = []
-        self._reset_forward_state()
 
-    def _reset_forward_state(self) -> None:
-        self.vision_mask: torch.Tensor | None = None
-        self.vision_index: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.has_vision = False
-        self.anchor: torch.Tensor | None = None
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> NormAlignModules:
+        # `model.to(torch.bfloat16)` / `.half()` reach the plugin too; its few parameters train in fp32
+        # (bf16 cannot represent MoCa's small updates to a scale of 1), so cast them back.
+        super()._apply(fn, recurse)
+        for param in self.parameters():
+            if param.is_floating_point() and param.dtype != torch.float32:
+                param.data = param.data.float()
+        return self
 
     # --- bookkeeping -------------------------------------------------------------------------
     def add_hook(self, module: nn.Module, kind: str, fn: Callable[..., Any], **kwargs: Any) -> None:
-        bound = functools.partial(fn, weakref.ref(self))
+        bound = _BoundHook(fn, self)
         register = module.register_forward_pre_hook if kind == "forward_pre" else module.register_forward_hook
         handle = register(bound, **kwargs)
         self._hooks.append(_Hook(module, kind, handle.id, fn))
@@ -98,9 +111,7 @@ class NormAlignModules(nn.Module):
         self._hooks.clear()
 
     def _owns(self, fn: Callable[..., Any]) -> bool:
-        return isinstance(fn, functools.partial) and any(
-            isinstance(arg, weakref.ref) and arg() is self for arg in fn.args
-        )
+        return isinstance(fn, _BoundHook) and fn.ref() is self
 
     def __deepcopy__(self, memo: dict[int, Any]) -> NormAlignModules:
         # A deep copy of the whole model (TRL reference models) has already copied the hooked
@@ -114,43 +125,115 @@ class NormAlignModules(nn.Module):
         for hook in self._hooks:
             copied = memo.get(id(hook.hook_dict(hook.module)))
             if copied is not None:
-                copied[hook.hook_id] = functools.partial(hook.fn, weakref.ref(new))
+                copied[hook.hook_id] = _BoundHook(hook.fn, new)
         return new
 
-    @property
-    def pre_active(self) -> bool:
-        return self.config.pre is not None and self.has_vision and (self.training or self.labels_given)
+    def __reduce_ex__(self, protocol: int) -> Any:
+        raise TypeError(_NO_PICKLE)
+
+    def pre_loss_coefficient(self, device: torch.device) -> torch.Tensor:
+        """``weight * accumulation factor * loss scale`` for the injected PRe gradient, as a 0-dim tensor."""
+        coef = self.config.pre.weight * self.pre_grad_scale
+        scaler = self.loss_scaler
+        if scaler is None:
+            return torch.tensor(coef, dtype=torch.float32, device=device)
+        scale = getattr(scaler, "_scale", None)  # GradScaler's live scale tensor (no host sync); None before use
+        if scale is None:
+            return torch.tensor(coef * float(scaler.get_scale()), dtype=torch.float32, device=device)
+        return (scale.to(device=device, dtype=torch.float32) * coef).reshape(())
+
+
+_NO_PICKLE = (
+    "A model patched by hf-normalign cannot be pickled (torch.save(model) pickles the whole object, hooks "
+    "included). Save it with `model.save_pretrained(path)` (safetensors) and load it with "
+    "`hf_normalign.from_pretrained(path)`."
+)
+
+
+class _BoundHook:
+    """A hook function bound to a weak reference to its plugin (module hooks must not keep the plugin alive).
+
+    A plain Python callable so torch.compile inlines it; pickling it (`torch.save(model)`) explains what to do.
+    """
+
+    def __init__(self, fn: Callable[..., Any], plugin: NormAlignModules):
+        self.fn = fn
+        self.ref = weakref.ref(plugin)
+
+    def __call__(self, *args: Any) -> Any:
+        return self.fn(self.ref, *args)
+
+    def __reduce_ex__(self, protocol: int) -> Any:
+        raise TypeError(_NO_PICKLE)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _BoundHook:
+        return self  # NormAlignModules.__deepcopy__ re-points the copied hooks at the copied plugin
+
+
+# Keyword arguments our pre-hooks add to the forward's own call. transformers passes `**kwargs` from the
+# top-level model through the inner model and the language model to every decoder layer, so the state of
+# one forward reaches the layer hooks without being stored on a shared module.
+VISION_MASK = "normalign_vision_mask"
+PRE_ANCHOR = "normalign_pre_anchor"
+PRE_STATE = "normalign_pre_state"  # {"active": bool, "labels": bool, "loss": Tensor}
+
+
+def _pre_state(plugin: NormAlignModules, labels_given: bool) -> dict[str, Any]:
+    return {"active": plugin.training or labels_given, "labels": labels_given}
 
 
 # --- hooks (module-level functions; `ref` is a weak reference to the NormAlignModules) ----------
 
 
 def _root_pre_hook(ref, module, args, kwargs):
-    plugin = ref()
-    plugin.labels_given = kwargs.get("labels") is not None
-    # A batch without vision tokens contributes an explicit 0 (the layer hook overwrites it).
-    computes = plugin.training or plugin.labels_given
-    plugin.last_pre_loss = plugin.pre_head.fc1.weight.new_zeros(()) if computes else None
+    kwargs[PRE_STATE] = _pre_state(ref(), kwargs.get("labels") is not None)
+    return args, kwargs
 
 
 def _root_post_hook(ref, module, args, kwargs, output):
     plugin = ref()
-    loss = plugin.last_pre_loss
-    if loss is None or not isinstance(output, ModelOutput):
+    state = kwargs.get(PRE_STATE) or {}
+    loss = state.get("loss")
+    if loss is None:
         return None
-    fields = dict(output.items())
-    if fields.get("loss") is not None:
-        # Detached: the PRe gradient is already injected at the PRe layer (see InjectAuxLoss).
-        fields["loss"] = fields["loss"] + plugin.config.pre.weight * plugin.pre_grad_scale * loss.to(fields["loss"])
-    return _with_pre_loss(type(output))(**fields, pre_loss=loss)
+    # Detached: the PRe gradient is already injected at the PRe layer (see InjectAuxLoss).
+    weighted = plugin.config.pre.weight * plugin.pre_grad_scale * loss
+    if isinstance(output, ModelOutput):
+        fields = dict(output.items())
+        if fields.get("loss") is not None:
+            fields["loss"] = fields["loss"] + weighted.to(fields["loss"])
+        return _with_pre_loss(type(output))(**fields, pre_loss=loss)
+    # return_dict=False: (loss, logits, ...) when labels were given; the unweighted PRe loss is appended last,
+    # where `_with_pre_loss` puts it in `to_tuple()` too.
+    output = tuple(output)
+    if state["labels"]:
+        output = (output[0] + weighted.to(output[0]), *output[1:])
+    return (*output, loss)
 
 
-@functools.cache
+# ModelOutput subclass -> the same with a declared `pre_loss` field. DDP and other code rebuild outputs from
+# their fields (`cls(**dict)`), which fails for a key set on an instance only. Filled at patch time from the
+# forward's return annotation, so a compiled forward only looks the class up.
+_PRE_OUTPUT_CLASSES: dict[type, type] = {}
+
+
 def _with_pre_loss(output_class: type[ModelOutput]) -> type[ModelOutput]:
-    """`output_class` with a declared `pre_loss` field: DDP and other code rebuild outputs from their
-    fields (`cls(**dict)`), which fails for a key set on an instance only."""
-    field = ("pre_loss", torch.Tensor | None, dataclasses.field(default=None))
-    return dataclasses.make_dataclass(output_class.__name__, [field], bases=(output_class,))
+    cls = _PRE_OUTPUT_CLASSES.get(output_class)
+    if cls is None:
+        field = ("pre_loss", torch.Tensor | None, dataclasses.field(default=None))
+        cls = dataclasses.make_dataclass(output_class.__name__, [field], bases=(output_class,))
+        _PRE_OUTPUT_CLASSES[output_class] = cls
+    return cls
+
+
+def _prime_output_classes(model: nn.Module) -> None:
+    try:
+        annotation = typing.get_type_hints(type(model).forward).get("return")
+    except Exception:  # unresolvable annotations: the class is then made at the first eager forward
+        return
+    for candidate in typing.get_args(annotation) or (annotation,):
+        if isinstance(candidate, type) and issubclass(candidate, ModelOutput):
+            _with_pre_loss(candidate)
 
 
 def _vision_mask(plugin: NormAlignModules, module: nn.Module, args, kwargs) -> torch.Tensor | None:
@@ -170,16 +253,13 @@ def _vision_mask(plugin: NormAlignModules, module: nn.Module, args, kwargs) -> t
 
 def _input_pre_hook(ref, module, args, kwargs):
     plugin = ref()
-    plugin._reset_forward_state()
     mask = _vision_mask(plugin, module, args, kwargs)
     if mask is not None and mask.dim() == 2:
-        plugin.vision_mask = mask
-        plugin.vision_index = mask.nonzero(as_tuple=True)
-        plugin.has_vision = plugin.vision_index[0].numel() > 0
-
-
-def _input_post_hook(ref, module, args, kwargs, output):
-    ref()._reset_forward_state()
+        kwargs[VISION_MASK] = mask
+    if plugin.config.pre is not None and PRE_STATE not in kwargs:
+        # The inner model called directly (TRL's fused-loss forward): no labels reach it.
+        kwargs[PRE_STATE] = _pre_state(plugin, labels_given=False)
+    return args, kwargs
 
 
 def _projector_hook(index, ref, module, args, output):
@@ -189,64 +269,100 @@ def _projector_hook(index, ref, module, args, output):
     return (norm(output[0]), *output[1:])
 
 
+# anchor="encoder_output" (an ablation): the projector is called inside the inner model without its keyword
+# arguments, so its input rows reach the language-model pre-hook through a thread-local (eager mode only).
+_encoder_anchor = threading.local()
+
+
 def _projector_anchor_hook(ref, module, args):
-    plugin = ref()
-    if plugin.pre_active:
-        # Rows as the projector's first Linear sees them (Qwen's merger groups 4 patches a row).
-        plugin.anchor = args[0].reshape(-1, plugin.pre_head.fc2.out_features).detach()
+    # Rows as the projector's first Linear sees them (Qwen's merger groups 4 patches a row).
+    _encoder_anchor.rows = args[0].reshape(-1, ref().pre_head.fc2.out_features).detach()
 
 
 def _language_model_pre_hook(ref, module, args, kwargs):
     plugin = ref()
+    encoder_rows = None
+    if plugin.config.pre.anchor == "encoder_output":
+        encoder_rows, _encoder_anchor.rows = getattr(_encoder_anchor, "rows", None), None
+    state = kwargs.get(PRE_STATE)
     embeds = kwargs.get("inputs_embeds")
-    if plugin.pre_active and embeds is not None:
-        plugin.anchor = embeds[plugin.vision_index].detach()
+    mask = kwargs.get(VISION_MASK)
+    if state is None or not state["active"] or embeds is None or mask is None:
+        return None
+    if plugin.config.pre.anchor == "llm_input":
+        kwargs[PRE_ANCHOR] = embeds.detach()
+        return args, kwargs
+    rows = encoder_rows
+    if rows is None:
+        raise RuntimeError("PRe anchor='encoder_output' found no projector input for this forward.")
+    torch_compilable_check(
+        rows.shape[0] == mask.sum(),
+        lambda: (
+            f"PRe anchor='encoder_output': {rows.shape[0]} projector input rows but {int(mask.sum())} vision "
+            "positions. The projector must map its input rows one-to-one to vision positions; use "
+            "anchor='llm_input' for this model."
+        ),
+        RuntimeError,
+    )
+    anchor = rows.new_zeros((*mask.shape, rows.shape[-1]), dtype=torch.float32)
+    kwargs[PRE_ANCHOR] = anchor.masked_scatter(mask.unsqueeze(-1), rows.float())
+    return args, kwargs
 
 
-def _layer_hook(layer_idx, ref, module, args, output):
+def _layer_hook(layer_idx, ref, module, args, kwargs, output):
     plugin = ref()
-    if not plugin.has_vision:
+    mask = kwargs.get(VISION_MASK)
+    if mask is None:  # the layer was called outside a forward of the patched model
         return None
     hidden = output if isinstance(output, torch.Tensor) else output[0]
-    if hidden.shape[:2] != plugin.vision_mask.shape:
+    if hidden.shape[:2] != mask.shape:
         raise RuntimeError(
             f"Decoder layer {layer_idx} returned hidden states of shape {tuple(hidden.shape)}, but the vision "
-            f"mask has shape {tuple(plugin.vision_mask.shape)}. Padding-free / packed sequences are not "
+            f"mask has shape {tuple(mask.shape)}. Padding-free / packed sequences are not "
             "supported by hf-normalign; pad the batch instead."
         )
     key = moca_key(layer_idx)
     if plugin.config.moca is not None and key in plugin.moca:
-        vision = hidden[plugin.vision_index]
-        hidden = hidden.index_put(plugin.vision_index, plugin.moca[key](vision))
-    if layer_idx == plugin.pre_layer and plugin.pre_active:
-        hidden = _apply_pre(plugin, layer_idx, hidden)
+        hidden = plugin.moca[key](hidden, mask)
+    state = kwargs.get(PRE_STATE)
+    if layer_idx == plugin.pre_layer and state is not None and state["active"]:
+        hidden = _apply_pre(plugin, hidden, mask, kwargs[PRE_ANCHOR], state)
     if isinstance(output, torch.Tensor):
         return hidden
     return (hidden, *output[1:])
 
 
-def _apply_pre(plugin: NormAlignModules, layer_idx: int, hidden: torch.Tensor) -> torch.Tensor:
-    vision = hidden[plugin.vision_index]
-    anchor = plugin.anchor
-    if anchor is None or anchor.shape[0] != vision.shape[0]:
-        got = None if anchor is None else anchor.shape[0]
-        raise RuntimeError(
-            f"PRe at layer {layer_idx}: {vision.shape[0]} vision positions but {got} anchor rows. With "
-            "anchor='encoder_output' the projector must map its input rows one-to-one to vision positions; "
-            "use anchor='llm_input' for this model."
-        )
-    loss = pre_loss(plugin.pre_head, vision, anchor)
-    plugin.last_pre_loss = loss.detach()
+def _apply_pre(
+    plugin: NormAlignModules, hidden: torch.Tensor, mask: torch.Tensor, anchor: torch.Tensor, state: dict
+) -> torch.Tensor:
+    loss = pre_loss(plugin.pre_head, hidden, anchor, mask)
+    state["loss"] = plugin.last_pre_loss = loss.detach()
     if torch.is_grad_enabled() and loss.requires_grad:
-        hidden = InjectAuxLoss.apply(hidden, loss, plugin.config.pre.weight * plugin.pre_grad_scale)
+        _check_loss_scaling(plugin, hidden)
+        hidden = InjectAuxLoss.apply(hidden, loss, plugin.pre_loss_coefficient(hidden.device))
     return hidden
+
+
+def _check_loss_scaling(plugin: NormAlignModules, hidden: torch.Tensor) -> None:
+    device = hidden.device.type
+    fp16 = hidden.dtype == torch.float16 or (
+        torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16
+    )
+    if fp16 and not plugin.loss_scaler_declared:
+        raise RuntimeError(
+            "PRe is training in fp16, where the loss is usually scaled (GradScaler): the injected PRe gradient "
+            "must be scaled the same way or its weight silently becomes weight / scale. Declare the scaler with "
+            "`hf_normalign.set_loss_scaler(model, scaler)` (`None` if you do not scale the loss), or add "
+            "`hf_normalign.NormAlignCallback()` to an HF/TRL Trainer, which does it for you."
+        )
 
 
 # --- public API ----------------------------------------------------------------------------------
 
 
 def _base_model(model: nn.Module) -> nn.Module:
-    """The `...ForConditionalGeneration` under a PEFT wrapper (or the model itself)."""
+    """The `...ForConditionalGeneration` under a `torch.compile` and/or PEFT wrapper (or the model itself)."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
 
@@ -265,6 +381,26 @@ def get_config(model: nn.Module) -> NormAlignConfig | None:
     """A copy of the config a model was patched with, or None."""
     plugin = get_plugin(model)
     return None if plugin is None else NormAlignConfig.from_dict(plugin.config.to_dict())
+
+
+def set_loss_scaler(model: nn.Module, scaler: Any) -> None:
+    """Declare the fp16 loss scaler (`torch.amp.GradScaler`) a training loop uses, or `None` for no scaling.
+
+    PRe's gradient is injected at its decoder layer; under loss scaling it must carry the same scale as the LM
+    gradient or its weight silently becomes ``weight / scale``. A PRe forward in fp16 (autocast or fp16
+    weights) refuses to run until the scaler is declared. `NormAlignCallback` declares the HF Trainer's own.
+
+    Example:
+        >>> scaler = torch.amp.GradScaler("cuda")  # doctest: +SKIP
+        >>> normalign.set_loss_scaler(model, scaler)  # doctest: +SKIP
+        >>> scaler.scale(model(**batch).loss).backward()  # doctest: +SKIP
+    """
+    plugin = get_plugin(model)
+    if plugin is None:
+        raise ValueError("set_loss_scaler: this model is not patched by hf-normalign.")
+    if scaler is not None and not callable(getattr(scaler, "get_scale", None)):
+        raise TypeError(f"set_loss_scaler expects a torch.amp.GradScaler or None, got {type(scaler).__name__}.")
+    plugin.loss_scaler, plugin.loss_scaler_declared = scaler, True
 
 
 def _resolve_config(config, methods, overrides) -> NormAlignConfig:
@@ -367,6 +503,7 @@ def patch(
             "Call `hf_normalign.unpatch(model)` first."
         )
     spec = get_spec(base)
+    spec.validate(base)
     layers = spec.decoder_layers(base)
     moca_layers, pre_layer = _check_layers(config, len(layers))
     hidden = spec.hidden_size(base.config)
@@ -407,6 +544,8 @@ def patch(
         plugin.pre_head = PReHead(hidden, head_hidden, anchor_size).to(_device_of(layers[pre_layer]))
 
     plugin.train(base.training)
+    if config.pre is not None:
+        _prime_output_classes(base)
     base.add_module(ATTRIBUTE, plugin)
     _register_hooks(plugin, base, spec, layers, projectors, moca_layers)
     return model
@@ -415,24 +554,20 @@ def patch(
 def _register_hooks(plugin, base, spec, layers, projectors, moca_layers) -> None:
     config = plugin.config
     plugin.add_hook(spec.get(base, spec.input_module), "forward_pre", _input_pre_hook, with_kwargs=True)
-    plugin.add_hook(spec.get(base, spec.input_module), "forward", _input_post_hook, with_kwargs=True, always_call=True)
     if config.projector_norm is not None:
         for index, projector in enumerate(projectors):
             plugin.add_hook(projector, "forward", functools.partial(_projector_hook, index))
     if config.pre is not None:
         plugin.add_hook(base, "forward_pre", _root_pre_hook, with_kwargs=True)
         plugin.add_hook(base, "forward", _root_post_hook, with_kwargs=True)
-        if config.pre.anchor == "llm_input":
-            plugin.add_hook(
-                spec.get(base, spec.language_model), "forward_pre", _language_model_pre_hook, with_kwargs=True
-            )
-        else:
+        plugin.add_hook(spec.get(base, spec.language_model), "forward_pre", _language_model_pre_hook, with_kwargs=True)
+        if config.pre.anchor == "encoder_output":
             plugin.add_hook(projectors[0], "forward_pre", _projector_anchor_hook)
     hooked = set(moca_layers) | ({plugin.pre_layer} if config.pre is not None else set())
     for i in sorted(hooked):
         # prepend: transformers records `output_hidden_states` with its own lazily added hooks;
         # ours must run first for the recorded states to include MoCa.
-        plugin.add_hook(layers[i], "forward", functools.partial(_layer_hook, i), prepend=True)
+        plugin.add_hook(layers[i], "forward", functools.partial(_layer_hook, i), prepend=True, with_kwargs=True)
 
 
 def unpatch(model: nn.Module) -> nn.Module:

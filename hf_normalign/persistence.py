@@ -731,7 +731,9 @@ def _load_aligned(
     else:
         with _base_load():
             base_model = load_base(source, *model_args, **kwargs)
-    _attach(base_model, info, source, weights, modules)
+    # output_loading_info=True: transformers returns (model, loading_info); patch the model, keep the tuple.
+    model = base_model[0] if isinstance(base_model, tuple) else base_model
+    _attach(model, info, source, weights, modules)
     return base_model
 
 
@@ -819,8 +821,9 @@ class AutoNormAlignModelForImageTextToText:
         if isinstance(normalign_config, (str, list, tuple)):
             normalign_config = NormAlignConfig.from_methods(normalign_config)
         with _base_load():
-            model = AutoModelForImageTextToText.from_pretrained(source, *model_args, **kwargs)
-        return patch(model, normalign_config)
+            loaded = AutoModelForImageTextToText.from_pretrained(source, *model_args, **kwargs)
+        patch(loaded[0] if isinstance(loaded, tuple) else loaded, normalign_config)  # output_loading_info=True
+        return loaded
 
 
 def _from_pretrained_wrapper(wrapped: Callable[..., Any], cls: type, args: tuple, kwargs: dict) -> Any:

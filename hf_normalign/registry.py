@@ -82,6 +82,44 @@ class ArchitectureSpec:
     def hidden_size(self, config) -> int:
         return int(config.get_text_config().hidden_size)
 
+    def validate(self, model: nn.Module) -> None:
+        """Check that every path and config attribute of this spec resolves on `model`.
+
+        Run at patch time (and on every built-in family by the tests), so a transformers release that moves a
+        module fails with one error naming the family, each missing attribute and the transformers version,
+        instead of deep inside a hook.
+        """
+        missing = []
+        paths = [self.projector, self.language_model, self.vision_tower, self.input_module, self.lm_head]
+        for path in [*paths, *self.extra_projectors]:
+            try:
+                model.get_submodule(path)
+            except AttributeError:
+                missing.append(f"module {path!r}")
+        language_model = (
+            model.get_submodule(self.language_model) if f"module {self.language_model!r}" not in missing else None
+        )
+        if language_model is not None:
+            for attr in (self.layers_attr, self.embed_attr):
+                if not hasattr(language_model, attr):
+                    missing.append(f"module {self.language_model}.{attr!r}")
+        config = model.config
+        for attr in (self.image_token_attr, self.video_token_attr):
+            if attr is not None and not hasattr(config, attr):  # renamed; None is `vision_token_ids`' to report
+                missing.append(f"config attribute {attr!r}")
+        if getattr(config.get_text_config(), "hidden_size", None) is None:
+            missing.append("config attribute 'text_config.hidden_size'")
+        if missing:
+            import transformers
+
+            raise ValueError(
+                f"The hf-normalign spec for {self.model_type!r} does not match {type(model).__name__} under "
+                f"transformers {transformers.__version__}: missing {', '.join(missing)}. This transformers "
+                "release is outside the range hf-normalign supports (see README), or the model is not the "
+                "`...ForConditionalGeneration` class; register a matching spec with "
+                "`hf_normalign.register_architecture(spec, overwrite=True)`."
+            )
+
 
 def register_architecture(spec: ArchitectureSpec, *, overwrite: bool = False) -> ArchitectureSpec:
     """Register a spec for a VLM family, keyed by `spec.model_type`. Returns the spec."""

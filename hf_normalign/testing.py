@@ -53,25 +53,27 @@ IMAGE_ID, VIDEO_ID, IMG_START_ID, IMG_END_ID, IMG_SEP_ID, EOU_ID = 250, 251, 252
 _QWEN_GRID = (1, 4, 4)  # (t, h, w) patches of one still image -> 4x4 / merge 2x2 = 4 LLM tokens
 
 # ----------------------------------------------------------------------------------------------------------
-# Config keyword sets (checked to build offline with transformers 5.23). Small enough that one image is a
-# handful of tokens; special ids point at the layout above so no config id falls outside the vocab.
+# Config keyword sets (checked to build offline with transformers 5.17 and 5.24). Small enough that one image is a
+# handful of tokens; special ids point at the layout above so no config id falls outside the vocab. Every Linear
+# width is a multiple of 64, bitsandbytes' 4-bit block: on CPUs with AVX512-BF16 its eval-mode kernel repacks the
+# weight per block and fails for narrower layers.
 # ----------------------------------------------------------------------------------------------------------
 
 _TEXT = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
+    "hidden_size": 64,
+    "intermediate_size": 128,
     "num_hidden_layers": 2,
     "num_attention_heads": 2,
     "num_key_value_heads": 1,
-    "head_dim": 16,
+    "head_dim": 32,
     "vocab_size": VOCAB_SIZE,
     "bos_token_id": BOS_ID,
     "eos_token_id": EOS_ID,
     "pad_token_id": PAD_ID,
 }
 _VIT = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
+    "hidden_size": 64,
+    "intermediate_size": 128,
     "num_hidden_layers": 2,
     "num_attention_heads": 2,
     "image_size": 32,
@@ -114,8 +116,8 @@ _CONFIGS: dict[str, dict[str, Any]] = {
         "text_config": _text("qwen2_vl_text", rope_scaling={"type": "mrope", **_MROPE}),
         "vision_config": {
             "depth": 2,
-            "embed_dim": 32,
-            "hidden_size": 32,
+            "embed_dim": 64,
+            "hidden_size": 64,
             "num_heads": 2,
             "mlp_ratio": 2,
             "patch_size": 14,
@@ -128,9 +130,9 @@ _CONFIGS: dict[str, dict[str, Any]] = {
         "text_config": _text("qwen2_5_vl_text", rope_scaling={"type": "mrope", **_MROPE}),
         "vision_config": {
             "depth": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "out_hidden_size": 32,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "out_hidden_size": 64,
             "num_heads": 2,
             "fullatt_block_indexes": [1],
             "window_size": 112,
@@ -146,9 +148,9 @@ _CONFIGS: dict[str, dict[str, Any]] = {
         ),
         "vision_config": {
             "depth": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "out_hidden_size": 32,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "out_hidden_size": 64,
             "num_heads": 2,
             "deepstack_visual_indexes": [0, 1],
             "patch_size": 16,
@@ -188,7 +190,7 @@ _CONFIGS: dict[str, dict[str, Any]] = {
     },
     "mistral3": {
         "text_config": _text("mistral"),
-        "vision_config": {"model_type": "pixtral", **_VIT, "head_dim": 16},
+        "vision_config": {"model_type": "pixtral", **_VIT, "head_dim": 32},
         "image_token_id": IMAGE_ID,
         "spatial_merge_size": 2,
     },
@@ -196,7 +198,7 @@ _CONFIGS: dict[str, dict[str, Any]] = {
         "text_config": _text("gemma"),
         "vision_config": {"model_type": "siglip_vision_model", **_VIT},
         "image_token_id": IMAGE_ID,
-        "projection_dim": 32,
+        "projection_dim": 64,
     },
 }
 
@@ -587,11 +589,11 @@ _WIDTH_KEYS = {
 
 
 def tiny_config(family: str, **text_overrides: Any) -> PretrainedConfig:
-    """Config of a tiny ``family`` model: vocab 256, hidden 32, 2 decoder layers, one-tile images.
+    """Config of a tiny ``family`` model: vocab 256, hidden 64, 2 decoder layers, one-tile images.
 
     ``text_overrides`` update ``text_config``; when ``hidden_size`` changes, ``head_dim`` follows it::
 
-        cfg = tiny_config("llava", num_hidden_layers=4, hidden_size=64)
+        cfg = tiny_config("llava", num_hidden_layers=4, hidden_size=128)
     """
     from transformers import AutoConfig
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import TrainerCallback
 
-from .patching import get_plugin
+from .patching import get_plugin, set_loss_scaler
 
 
 class NormAlignCallback(TrainerCallback):
@@ -14,7 +14,8 @@ class NormAlignCallback(TrainerCallback):
     from the logits still get it), which bypasses the Trainer's division of the loss by the
     gradient-accumulation steps. This callback scales the injected gradient by
     ``1 / gradient_accumulation_steps`` so accumulation 2 x batch b updates like accumulation
-    1 x batch 2b, and logs the mean unweighted PRe loss as ``pre_loss`` next to ``loss``.
+    1 x batch 2b, declares the Trainer's fp16 loss scaler (see `set_loss_scaler`), and logs the
+    mean unweighted PRe loss as ``pre_loss`` next to ``loss``.
 
     Example:
         >>> trainer = Trainer(model, args, train_dataset=ds, callbacks=[normalign.NormAlignCallback()])
@@ -24,10 +25,20 @@ class NormAlignCallback(TrainerCallback):
     def __init__(self) -> None:
         self._pre_losses: list[float] = []
 
-    def on_step_begin(self, args, state, control, model=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        plugin = get_plugin(model) if model is not None else None
+        if plugin is not None and plugin.config.pre is not None and args.fp16 and args.deepspeed:
+            raise ValueError(
+                "PRe with DeepSpeed fp16 is not supported: DeepSpeed scales the loss with its own scaler, which "
+                "the injected PRe gradient cannot follow. Train with bf16=True instead of fp16=True."
+            )
+
+    def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         plugin = get_plugin(model) if model is not None else None
         if plugin is not None:
             plugin.pre_grad_scale = 1.0 / args.gradient_accumulation_steps
+            # accelerate's AcceleratedOptimizer carries the GradScaler of fp16 mixed precision (None otherwise).
+            set_loss_scaler(model, getattr(optimizer, "scaler", None))
 
     def _collect(self, model) -> None:
         plugin = get_plugin(model) if model is not None else None

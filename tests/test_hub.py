@@ -111,7 +111,7 @@ def test_push_model_sends_one_commit_with_the_aligned_files_and_a_card(model, ap
     assert "| MoCa, modality calibration (arXiv 2410.07167) | `layers` | `[1]` |" in card
     assert "| PRe, predictive regularization (arXiv 2603.20808) | `weight` | `0.25` |" in card
     assert "MIR (Modality Integration Rate, lower is better): 3.2100" in card
-    assert "hidden size 32, 2 decoder layers" in card
+    assert "hidden size 64, 2 decoder layers" in card
     assert "transformers without hf-normalign loads the base model **without the intervention**" in card
     assert 'model = AutoModelForImageTextToText.from_pretrained("me/aligned")' in card
     assert f"hf-normalign {normalign.__version__}" in card

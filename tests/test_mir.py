@@ -91,7 +91,7 @@ def test_streaming_equals_stored_features(outliers, monkeypatch):
     streamed = mir(model, proc, num_samples=N, outliers=outliers, batch_size=3, progress=False)
     assert streamed.settings["streaming"] and not stored.settings["streaming"]
     assert len(passes) == (2 if outliers == "drop" else 1)
-    assert_same(streamed, stored, rel=1e-9)
+    assert_same(streamed, stored, rel=1e-8)  # fp32 features summed in another order
     with pytest.raises(ValueError, match="replace_median"):
         mir(model, proc, num_samples=N, streaming=True, progress=False)
 
@@ -102,8 +102,9 @@ def test_layer_groups_under_a_memory_budget(monkeypatch):
     passes = []
     real_capture = mir_module.capture
     monkeypatch.setattr(mir_module, "capture", lambda *a, **k: passes.append(k["layers"]) or real_capture(*a, **k))
-    # Each layer holds (vision + text tokens) * 32 floats * 4 bytes; a budget of ~2 layers gives 2 passes.
-    per_layer = (whole.num_vision_tokens[0] + whole.num_text_tokens[0]) * 32 * 4
+    # Each layer holds (vision + text tokens) * hidden floats * 4 bytes; a budget of ~2 layers gives 2 passes.
+    hidden = model.config.get_text_config().hidden_size
+    per_layer = (whole.num_vision_tokens[0] + whole.num_text_tokens[0]) * hidden * 4
     grouped = mir(model, proc, num_samples=N, max_feature_gb=2.5 * per_layer / 2**30, progress=False)
     assert passes == [[1, 2], [3, 4]]
     assert_same(grouped, whole, rel=1e-12)

@@ -200,8 +200,9 @@ def test_moca_parameters_excluded_from_trainer_weight_decay():
     assert "normalign.pre_head.fc1.weight" in decayed
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])  # accepts_loss_kwargs True / False
-def test_trainer_gradient_accumulation_matches_large_batch(family, tmp_path):
+# accepts_loss_kwargs True / False; fp16=True: the Trainer's fp16 path as it runs on CPU (no scaler there).
+@pytest.mark.parametrize(("family", "fp16"), [("llava", False), ("qwen2_5_vl", False), ("llava", True)])
+def test_trainer_gradient_accumulation_matches_large_batch(family, fp16, tmp_path):
     from transformers import Trainer, TrainingArguments
 
     # Each sample keeps its leading batch dim (Qwen's pixel_values are patch rows), so one
@@ -231,6 +232,7 @@ def test_trainer_gradient_accumulation_matches_large_batch(family, tmp_path):
             seed=0,
             dataloader_drop_last=True,
             remove_unused_columns=False,
+            fp16=fp16,
         )
         trainer = Trainer(
             model=model,

@@ -145,7 +145,7 @@ def test_config_file_records_methods_versions_and_base(tmp_path):
     assert data["library_version"] == normalign.__version__
     assert data["methods"] == config.to_dict()
     assert (data["base_model_type"], data["base_model_class"]) == ("qwen2_vl", "Qwen2VLForConditionalGeneration")
-    assert (data["hidden_size"], data["num_decoder_layers"], data["adapter_only"]) == (32, 2, False)
+    assert (data["hidden_size"], data["num_decoder_layers"], data["adapter_only"]) == (64, 2, False)
     assert normalign.get_config(normalign.from_pretrained(tmp_path)) == config
 
 
@@ -317,19 +317,19 @@ def test_missing_plugin_key(ckpt, load):
 
 
 def test_unexpected_plugin_key(ckpt):
-    _edit_weights(ckpt, lambda t: t.update({"moca.layer_7_norm.scale": torch.ones(32)}))
+    _edit_weights(ckpt, lambda t: t.update({"moca.layer_7_norm.scale": torch.ones(64)}))
     with pytest.raises(normalign.NormAlignCheckpointError, match=r"unexpected keys \['moca\.layer_7_norm\.scale'\]"):
         normalign.from_pretrained(ckpt)
 
 
 def test_shape_mismatch_from_a_different_hidden_size(ckpt, tmp_path):
-    aligned("llava", hidden_size=64).save_pretrained(tmp_path / "wide")
+    aligned("llava", hidden_size=128).save_pretrained(tmp_path / "wide")
     shutil.copy(tmp_path / "wide" / "normalign.safetensors", ckpt / "normalign.safetensors")
     with pytest.raises(normalign.NormAlignCheckpointError) as err:
         normalign.from_pretrained(ckpt)
     message = str(err.value)
     assert "normalign.safetensors" in message and "different hidden size" in message
-    assert "projector_norm.0.weight: file (64,) vs model (32,)" in message
+    assert "projector_norm.0.weight: file (128,) vs model (64,)" in message
 
 
 @pytest.mark.parametrize(("version", "pattern"), [(99, r"format 99.*Upgrade"), ("1", "unknown format_version")])
@@ -389,7 +389,7 @@ def test_adapter_on_a_base_that_does_not_match(tmp_path):
     normalign.save_pretrained(adapter, tmp_path, adapter_only=True, base_model_name_or_path="org/llava-base")
     for other, found in [
         (tiny_model("qwen2_vl"), "model_type 'qwen2_vl'"),
-        (tiny_model("llava", hidden_size=64), "hidden size 64"),
+        (tiny_model("llava", hidden_size=128), "hidden size 128"),
     ]:
         with pytest.raises(normalign.NormAlignCheckpointError) as err:
             normalign.from_pretrained(tmp_path, base_model=other)

@@ -177,6 +177,8 @@ def test_quantised_training_step_updates_every_plugin_param(case, checkpoint):
         model, "model.language_model"
     )
     normalign.patch(model, methods=ALL_METHODS)
+    if dtype == torch.float16:
+        normalign.set_loss_scaler(model, None)  # this step does not scale the loss
     batch = tiny_batch(model)
     assert_plugin_step(model, batch)
     assert model(**batch).logits.dtype == (dtype or torch.float32)
@@ -283,3 +285,49 @@ def test_bf16_training_step_cuda():
     batch = cuda_batch(model)
     assert_plugin_step(model, batch)
     assert model(**batch).logits.dtype == torch.bfloat16
+
+
+def _use_packed_cpu_kernel(model: nn.Module, packed: bool) -> None:
+    # bitsandbytes picks its CPU 4-bit kernel per module from the CPU's features (AVX512-BF16: weights repacked
+    # on the first eval forward); setting the flag runs either path on a CPU that has the feature.
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = packed
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_plugin_works_on_both_bitsandbytes_cpu_4bit_kernels(packed, checkpoint):
+    from bitsandbytes.functional import has_avx512bf16
+
+    if packed and not has_avx512bf16():
+        pytest.skip("bitsandbytes' packed-weight 4-bit CPU kernel needs AVX512-BF16, which this CPU lacks")
+    quant = bnb_config(4, tiny_config("llava"), compute_dtype=torch.bfloat16)
+    model = load(checkpoint("llava"), quant, dtype=torch.bfloat16)
+    unpatched = load(checkpoint("llava"), quant, dtype=torch.bfloat16)
+    normalign.patch(model, methods=["projector_norm", "moca"], moca=normalign.MoCaConfig(init_std=0.3))
+    # The same calibration by hand on the unpatched model: LayerNorm after the projector, u*h+v after each layer.
+    plugin = get_plugin(model)
+    mask = tiny_batch(model, with_labels=False)["input_ids"] == model.config.image_token_id
+    unpatched.model.multi_modal_projector.register_forward_hook(
+        lambda m, a, out: plugin.projector_norm[0](out.float()).to(out.dtype)
+    )
+    for i, layer in enumerate(unpatched.model.language_model.layers):
+        moca = plugin.moca[f"layer_{i}_norm"]
+        layer.register_forward_hook(
+            lambda m, a, out, moca=moca: torch.where(
+                mask[..., None], (out.float() * moca.scale + moca.shift).to(out.dtype), out
+            )
+        )
+    for m in (model, unpatched):
+        _use_packed_cpu_kernel(m, packed)
+    batch = tiny_batch(model, with_labels=False)
+    with torch.no_grad():
+        got, expected = model(**batch).logits, unpatched(**batch).logits
+    packed_weights = any(
+        getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+        for m in model.modules()
+        if isinstance(m, Linear4bit)
+    )
+    assert packed_weights == packed
+    assert torch.equal(got, expected)
+    assert {p.dtype for p in plugin.parameters()} == {torch.float32}

@@ -7,7 +7,7 @@ from torch import nn
 
 
 class MoCaLayer(nn.Module):
-    """``h <- scale * h + shift`` on the vision rows of one decoder layer's output, in fp32."""
+    """``h <- scale * h + shift`` on the vision positions of one decoder layer's output, in fp32."""
 
     def __init__(self, hidden_size: int, *, init_std: float = 0.0, generator: torch.Generator | None = None):
         super().__init__()
@@ -18,8 +18,14 @@ class MoCaLayer(nn.Module):
                 self.scale.add_(torch.randn(hidden_size, generator=generator) * init_std)
                 self.shift.add_(torch.randn(hidden_size, generator=generator) * init_std)
 
-    def forward(self, vision_hidden: torch.Tensor) -> torch.Tensor:
-        return (vision_hidden.float() * self.scale + self.shift).to(vision_hidden.dtype)
+    def forward(self, hidden: torch.Tensor, vision_mask: torch.Tensor) -> torch.Tensor:
+        """`hidden` [batch, seq, D]; `vision_mask` [batch, seq]. Text positions are returned bit-identical.
+
+        A `where` over the whole sequence instead of gathering the vision rows: no data-dependent shapes, so
+        the same code runs eagerly, under `torch.compile(fullgraph=True)` and on decode steps (mask all False).
+        """
+        calibrated = (hidden.float() * self.scale + self.shift).to(hidden.dtype)
+        return torch.where(vision_mask.unsqueeze(-1), calibrated, hidden)
 
 
 def moca_key(layer_idx: int) -> str:

@@ -8,7 +8,7 @@ from torch import nn
 
 
 class PReHead(nn.Module):
-    """Linear(D, H) -> GELU -> Linear(H, D_anchor), in fp32. Training-only: inference never calls it."""
+    """Linear(D, H) -> GELU -> Linear(H, D_anchor), in fp32 (also under autocast). Training-only."""
 
     def __init__(self, hidden_size: int, head_hidden_size: int, anchor_size: int):
         super().__init__()
@@ -16,30 +16,39 @@ class PReHead(nn.Module):
         self.act = nn.GELU()
         self.fc2 = nn.Linear(head_hidden_size, anchor_size, dtype=torch.float32)
 
-    def forward(self, vision_hidden: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(vision_hidden.float())))
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        # Autocast (bf16/fp16 mixed precision, TRL's default) would run these Linears in half precision.
+        with torch.autocast(hidden.device.type, enabled=False):
+            return self.fc2(self.act(self.fc1(hidden.float())))
 
 
-def pre_loss(head: PReHead, vision_hidden: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
-    """Mean over vision positions of ``1 - cos(head(h), sg(anchor))``."""
-    prediction = head(vision_hidden)
-    return (1.0 - F.cosine_similarity(prediction, anchor.detach().float(), dim=-1)).mean()
+def pre_loss(head: PReHead, hidden: torch.Tensor, anchor: torch.Tensor, vision_mask: torch.Tensor) -> torch.Tensor:
+    """Mean over vision positions of ``1 - cos(head(h), sg(anchor))``; exactly 0 without vision positions.
+
+    `hidden` [batch, seq, D], `anchor` [batch, seq, D_anchor], `vision_mask` [batch, seq]. The head runs on
+    every position and the mask weights the mean, so no shape depends on the data (compile-friendly).
+    """
+    cos = F.cosine_similarity(head(hidden), anchor.detach().float(), dim=-1)
+    weights = vision_mask.to(cos.dtype)
+    return ((1.0 - cos) * weights).sum() / weights.sum().clamp_min(1.0)
 
 
 class InjectAuxLoss(torch.autograd.Function):
     """Identity on `hidden`; its backward also back-propagates ``coef * aux_loss``.
 
-    Placed on a tensor every loss depends on (a decoder layer's output), it delivers the PRe
-    gradient to a trainer that builds its own loss from the logits and ignores `outputs.loss`.
+    Placed on a tensor every loss depends on (a decoder layer's output), it delivers the PRe gradient to a
+    trainer that builds its own loss from the logits and ignores `outputs.loss`. `coef` is a 0-dim tensor
+    holding ``weight * accumulation factor * loss scale``: under fp16 loss scaling the LM gradient arrives
+    multiplied by the scale, so the injected one must be too.
     """
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, aux_loss: torch.Tensor, coef: float) -> torch.Tensor:
-        ctx.coef = coef
-        ctx.loss_meta = (aux_loss.dtype, aux_loss.device)
+    def forward(ctx, hidden: torch.Tensor, aux_loss: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(coef)
+        ctx.loss_dtype = aux_loss.dtype
         return hidden.view_as(hidden)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
-        dtype, device = ctx.loss_meta
-        return grad, torch.full((), ctx.coef, dtype=dtype, device=device), None
+        (coef,) = ctx.saved_tensors
+        return grad, coef.to(ctx.loss_dtype), None
