@@ -39,7 +39,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -1048,53 +1047,24 @@ def install() -> None:
     wrapt.register_post_import_hook(_install_trainer, "transformers.trainer")  # imported lazily: costly
 
 
-# --- command line: `normalign patch` -------------------------------------------------------------------------
+install()  # `import hf_normalign` imports this module as soon as transformers is imported
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "patch",
-        help="patch a model and save the aligned checkpoint",
-        description="Load MODEL (a directory or Hub repo id), patch it and save an aligned checkpoint to --out.",
-    )
-    parser.add_argument("model", metavar="MODEL", help="local directory or Hub repo id of the base VLM")
-    parser.add_argument("--methods", help=f"comma-separated methods: {','.join(METHODS)}")
-    parser.add_argument("--config", metavar="JSON", help="a NormAlignConfig as a JSON file (instead of --methods)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    parser.add_argument("--adapter-only", action="store_true", help="write only the hf-normalign files")
-    parser.add_argument(
-        "--include", default="projector", help="adapter-only: modules saved with the plugin (comma-separated)"
-    )
-    parser.add_argument("--dtype", default="auto", help="dtype to load with (auto, float32, bfloat16, float16)")
-    parser.add_argument("--revision", help="Hub revision of MODEL")
-    parser.set_defaults(func=_run_patch)
+# --- command line: `normalign patch` (options in hf_normalign.cli) -------------------------------------------------
 
 
 def _run_patch(args: argparse.Namespace) -> int:
-    if (args.methods is None) == (args.config is None):
-        print("normalign patch: error: pass exactly one of --methods and --config", file=sys.stderr)
-        return 2
-    try:
-        config = _cli_config(args)
-        saved = _patch_and_save(args, config)
-    except ValueError as err:
-        print(f"normalign patch: error: {err}", file=sys.stderr)
-        return 2
+    """``normalign patch`` (options in hf_normalign.cli): load, patch and save."""
+    config = args.methods or args.config
+    saved = _patch_and_save(args, config)
     print(f"Saved {saved} ({', '.join(config.methods)}) to {args.out}")
     return 0
-
-
-def _cli_config(args: argparse.Namespace) -> NormAlignConfig:
-    if args.config is not None:
-        with open(args.config, encoding="utf-8") as f:
-            return NormAlignConfig.from_dict(json.load(f))
-    return NormAlignConfig.from_methods([m.strip() for m in args.methods.split(",") if m.strip()])
 
 
 def _patch_and_save(args: argparse.Namespace, config: NormAlignConfig) -> str:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)  # one of cli.DTYPES
     with autoload(False):
         model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype, revision=args.revision)
     patch(model, config)

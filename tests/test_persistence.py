@@ -564,7 +564,11 @@ def test_cli_patch(tmp_path, capsys):
     assert set(os.listdir(adapter)) == ADAPTER_FILES
     assert normalign.get_config(normalign.from_pretrained(adapter)).moca.layers == [1]
 
-    assert cli.main(["patch", str(tmp_path / "base"), "--out", str(tmp_path / "x")]) == 2
-    assert "exactly one of --methods and --config" in capsys.readouterr().err
-    assert cli.main(["patch", str(tmp_path / "base"), "--methods", "nope", "--out", str(tmp_path / "x")]) == 2
-    assert "Unknown method" in capsys.readouterr().err
+    for argv, phrase in [
+        ([], "one of the arguments --methods --config is required"),
+        (["--methods", "nope"], "Unknown method"),
+    ]:
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(["patch", str(tmp_path / "base"), "--out", str(tmp_path / "x"), *argv])
+        assert exit_.value.code == 2 and phrase in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
