@@ -633,12 +633,17 @@ def _find_config(source: Any, kwargs: dict[str, Any]) -> str | None:
 
 def _resolve_required(source: str, filename: str, kwargs: dict[str, Any]) -> str:
     try:
-        return cached_file(source, filename, **_hub_kwargs(kwargs))
+        path = cached_file(source, filename, **_hub_kwargs(kwargs))
     except OSError as err:
+        path, reason = None, err
+    else:
+        reason = "no such file"
+    if path is None:
         raise NormAlignCheckpointError(
-            f"{source} holds {CONFIG_NAME} but {filename} could not be resolved: {err}. The checkpoint is incomplete: "
-            "re-save or re-upload it."
-        ) from err
+            f"{source} holds {CONFIG_NAME} but {filename} could not be resolved: {reason}. The checkpoint is "
+            "incomplete: re-save or re-upload it."
+        ) from (reason if isinstance(reason, OSError) else None)
+    return path
 
 
 def read_checkpoint_info(pretrained_model_name_or_path: str | os.PathLike, **hub_kwargs: Any) -> CheckpointInfo:
