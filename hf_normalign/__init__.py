@@ -12,7 +12,6 @@ Example:
 from __future__ import annotations
 
 import importlib
-import sys
 from typing import Any
 
 import wrapt
@@ -58,10 +57,9 @@ def __getattr__(name: str) -> Any:
 
 
 def _install_on_transformers_import(_transformers: Any) -> None:
-    # persistence installs the wrappers at the end of its own import; while it is being imported (it imports
-    # transformers itself) importing it again here would see a half-initialised module.
-    if f"{__name__}.persistence" not in sys.modules:
-        importlib.import_module(".persistence", __name__)
+    from ._install import install  # imports no other hf_normalign module: safe mid-import
+
+    install()
 
 
 # Load-time patching: transformers' own from_pretrained returns the patched model for a directory or

@@ -46,7 +46,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import wrapt
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -54,6 +53,7 @@ from transformers import PreTrainedModel
 from transformers.utils import logging
 from transformers.utils.hub import cached_file
 
+from ._install import install as install  # re-exported: persistence.install()
 from .config import METHODS, NormAlignConfig
 from .patching import ATTRIBUTE, NormAlignModules, _base_model, get_plugin, patch, unpatch
 from .registry import get_spec
@@ -69,8 +69,6 @@ AUTOLOAD_ENV = "HF_NORMALIGN_AUTOLOAD"
 _OWN_FILES = frozenset({CONFIG_NAME, WEIGHTS_NAME, MODULES_NAME})
 # The keyword arguments of `from_pretrained` that locate files (forwarded to `cached_file`).
 _HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
-# Auto classes that map the supported VLMs; their `from_pretrained` is a per-class copy, so each is wrapped.
-_AUTO_CLASSES = ("AutoModelForImageTextToText", "AutoModelForMultimodalLM")
 _SHARD_RE = re.compile(r"(.*?)-\d{5}-of-\d{5}")
 
 
@@ -979,19 +977,7 @@ def _from_pretrained_wrapper(wrapped: Callable[..., Any], cls: type, args: tuple
     return _load_aligned(os.fspath(source), info, wrapped, args[1:], kwargs)
 
 
-# --- installing the wrappers ---------------------------------------------------------------------------------
-
-
-def _ours(wrapper: Callable[..., Any]) -> Callable[..., Any]:
-    wrapper._hf_normalign = True  # type: ignore[attr-defined]
-    return wrapper
-
-
-def _wrap_once(owner: type, name: str, wrapper: Callable[..., Any]) -> None:
-    current = inspect.getattr_static(owner, name)
-    if isinstance(current, wrapt.FunctionWrapper) and getattr(current._self_wrapper, "_hf_normalign", False):
-        return
-    wrapt.wrap_function_wrapper(owner, name, _ours(wrapper))
+# --- the wrappers (installed by hf_normalign._install, which forwards to them) ---------------------------------
 
 
 def _push_wrapper(wrapped: Callable[..., Any], instance: PreTrainedModel, args: tuple, kwargs: dict) -> Any:
@@ -1025,34 +1011,6 @@ def _best_model_wrapper(wrapped: Callable[..., Any], trainer: Any, args: tuple, 
 def _restore_plugin(model: nn.Module, checkpoint: str | None) -> None:
     if checkpoint and get_plugin(model) is not None and os.path.isfile(os.path.join(checkpoint, WEIGHTS_NAME)):
         load_plugin_weights(model, checkpoint)
-
-
-def _install_trainer(module: Any) -> None:
-    _wrap_once(module.Trainer, "_load_from_checkpoint", _resume_wrapper)
-    _wrap_once(module.Trainer, "_load_best_model", _best_model_wrapper)
-
-
-def install() -> None:
-    """Install the ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` wrappers (idempotent).
-
-    Called by ``import hf_normalign``; models that are not patched, and checkpoints without
-    ``normalign_config.json``, behave exactly as without hf-normalign. The Trainer's checkpoint loading
-    (resume, ``load_best_model_at_end``) is wrapped when ``transformers.trainer`` is imported, to restore
-    the plugin weights as well.
-    """
-    import transformers
-
-    _wrap_once(PreTrainedModel, "save_pretrained", _save_wrapper)
-    _wrap_once(PreTrainedModel, "from_pretrained", _from_pretrained_wrapper)
-    _wrap_once(PreTrainedModel, "push_to_hub", _push_wrapper)
-    for name in _AUTO_CLASSES:
-        auto_class = getattr(transformers, name, None)
-        if auto_class is not None:
-            _wrap_once(auto_class, "from_pretrained", _from_pretrained_wrapper)
-    wrapt.register_post_import_hook(_install_trainer, "transformers.trainer")  # imported lazily: costly
-
-
-install()  # `import hf_normalign` imports this module as soon as transformers is imported
 
 
 # --- command line: `normalign patch` (options in hf_normalign.cli) -------------------------------------------------
