@@ -9,31 +9,63 @@ Example:
     >>> model = normalign.unpatch(model)                    # exact restore
 """
 
-from . import diagnostics, persistence, testing
-from .callbacks import MIRCallback
-from .config import MoCaConfig, NormAlignConfig, PReConfig, ProjectorNormConfig
-from .hub import push_to_hub
-from .patching import get_config, is_patched, patch, set_loss_scaler, unpatch
-from .peft_utils import mark_plugin_trainable, plugin_lora_exclude_modules
-from .persistence import (
-    AutoNormAlignModelForImageTextToText,
-    CheckpointInfo,
-    NormAlignCheckpointError,
-    autoload,
-    from_pretrained,
-    load_plugin_weights,
-    read_checkpoint_info,
-    save_pretrained,
-)
-from .quantization import bnb_config, prepare_for_kbit_training, quantization_skip_modules
-from .registry import ArchitectureSpec, register_architecture, supported_architectures
-from .trainer import NormAlignCallback
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import wrapt
 
 __version__ = "0.1.0"
 
+# Public names -> the module defining them, imported on first use: `import hf_normalign` (and so the CLI's
+# --help) imports neither torch nor transformers.
+_EXPORTS = {
+    "MIRCallback": "callbacks",
+    **dict.fromkeys(("MoCaConfig", "NormAlignConfig", "PReConfig", "ProjectorNormConfig"), "config"),
+    "push_to_hub": "hub",
+    **dict.fromkeys(("get_config", "is_patched", "patch", "set_loss_scaler", "unpatch"), "patching"),
+    **dict.fromkeys(("mark_plugin_trainable", "plugin_lora_exclude_modules"), "peft_utils"),
+    **dict.fromkeys(
+        (
+            "AutoNormAlignModelForImageTextToText",
+            "CheckpointInfo",
+            "NormAlignCheckpointError",
+            "autoload",
+            "from_pretrained",
+            "load_plugin_weights",
+            "read_checkpoint_info",
+            "save_pretrained",
+        ),
+        "persistence",
+    ),
+    **dict.fromkeys(("bnb_config", "prepare_for_kbit_training", "quantization_skip_modules"), "quantization"),
+    **dict.fromkeys(("ArchitectureSpec", "register_architecture", "supported_architectures"), "registry"),
+    "NormAlignCallback": "trainer",
+}
+_SUBMODULES = ("diagnostics", "persistence", "testing")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def _install_on_transformers_import(_transformers: Any) -> None:
+    from ._install import install  # imports no other hf_normalign module: safe mid-import
+
+    install()
+
+
 # Load-time patching: transformers' own from_pretrained returns the patched model for a directory or
-# repo that holds normalign_config.json (switch off with autoload(False) or HF_NORMALIGN_AUTOLOAD=0).
-persistence.install()
+# repo that holds normalign_config.json (switch off with autoload(False) or HF_NORMALIGN_AUTOLOAD=0). Installed
+# as soon as transformers is imported (now, if it already is).
+wrapt.register_post_import_hook(_install_on_transformers_import, "transformers")
 
 __all__ = [
     "ArchitectureSpec",

@@ -1,46 +1,304 @@
 """The `normalign` command line (also `python -m hf_normalign`).
 
-Each subcommand lives next to the code it drives and exposes `register(subparsers)`, which adds
-its parser and sets `func`; this module only wires them together, importing lazily so that
-`normalign --help` stays fast.
+Every subcommand is a :class:`Command` in :data:`COMMANDS`: its options (argparse only, defined here, so that
+``normalign --help`` and ``normalign COMMAND --help`` import neither torch nor transformers) and the
+``"module:function"`` that runs it, imported only when the command runs. Adding a subcommand is one entry.
+
+Exit codes: 0 success; 2 a usage error (an unknown option, a bad value, a missing input or an output folder
+that cannot be written, all found before any work starts); 1 a failure while working (a model that does not
+load, no network, a missing optional package). Either way stderr gets one line naming the problem and the
+fix; ``--debug`` shows the traceback instead.
+
+Example:
+    $ normalign patch llava-hf/llava-1.5-7b-hf --methods projector_norm,moca --out aligned
+    $ normalign mir aligned --num-samples 50 --json results/mir.json
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import os
+import re
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
 
-# subcommand -> (module that defines `register(subparsers)`, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("hf_normalign.demo", "run the miniature alignment experiment offline"),
-    "patch": ("hf_normalign.persistence", "patch a model and save the aligned checkpoint"),
-    "push": ("hf_normalign.hub", "upload an aligned checkpoint or adapter to the Hub"),
-    "mir": ("hf_normalign.diagnostics.mir", "Modality Integration Rate of a model"),
-    "report": ("hf_normalign.diagnostics.report", "HTML report of the modality-gap diagnostics"),
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+# Mirrors of hf_normalign.diagnostics' constants (importing them would import torch); a test keeps them equal.
+OUTLIER_MODES = ("replace_median", "drop", "none")
+SQRT_METHODS = ("exact", "newton_schulz", "reference_fast")
+REPORT_METRICS = ("profile", "mir", "key_space", "degradation")
+# Optional packages -> the extra that installs them.
+EXTRAS = {"matplotlib": "plots", "peft": "peft", "datasets": "datasets"}
+
+
+# --- argument types: each raises ArgumentTypeError, which argparse reports as a usage error ----------------------
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def layer_list(text: str) -> list[int]:
+    """Parse a layer list: '1,2,5-8,-1' -> [1, 2, 5, 6, 7, 8, -1]."""
+    out: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        lo, sep, hi = part.partition("-") if not part.startswith("-") else ("", "", "")
+        try:
+            out += list(range(int(lo), int(hi) + 1)) if sep and lo else [int(part)]
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"bad layer list {text!r}: use e.g. 1,2,5-8,-1") from err
+    return out
+
+
+def existing_dir(text: str) -> str:
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} is not an existing directory")
+    return text
+
+
+def output_dir(text: str) -> Path:
+    """A folder that exists or can be created (its nearest existing ancestor is a writable folder)."""
+    path = os.path.abspath(text)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"{text} exists and is not a folder: choose another output folder")
+    ancestor = path
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor) or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot create or write {text}: {ancestor} is not a writable folder")
+    return Path(text)
+
+
+def output_file(text: str) -> Path:
+    """A file path whose folder exists and is writable."""
+    folder = os.path.dirname(os.path.abspath(text))
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} is a folder: give a file name, e.g. {os.path.join(text, 'x.json')}")
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"the folder {folder} does not exist: create it first (mkdir -p {folder})")
+    if not os.access(folder, os.W_OK):
+        raise argparse.ArgumentTypeError(f"the folder {folder} is not writable")
+    return Path(text)
+
+
+def method_list(text: str) -> Any:
+    from .config import NormAlignConfig  # light: dataclasses only
+
+    try:
+        return NormAlignConfig.from_methods([m.strip() for m in text.split(",") if m.strip()])
+    except (TypeError, ValueError) as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def config_file(text: str) -> Any:
+    from .config import NormAlignConfig
+
+    try:
+        with open(text, encoding="utf-8") as f:
+            return NormAlignConfig.from_dict(json.load(f))
+    except OSError as err:
+        raise argparse.ArgumentTypeError(f"cannot read {text}: {err.strerror}") from err
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise argparse.ArgumentTypeError(f"{text} is not UTF-8 JSON: {err}") from err
+    except (TypeError, ValueError) as err:
+        raise argparse.ArgumentTypeError(f"{text}: {err}") from err
+
+
+def aligned_dir(text: str) -> str:
+    existing_dir(text)
+    if not os.path.isfile(os.path.join(text, "normalign_config.json")):
+        raise argparse.ArgumentTypeError(
+            f"{text} holds no normalign_config.json: save a patched model there first (normalign patch ... --out DIR)"
+        )
+    return text
+
+
+# --- commands ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: its one-line help, its options, and the ``"module:function"`` that runs it."""
+
+    help: str
+    description: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    run: str
+
+
+def _demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="the small run (under 3 minutes on 2 CPU cores)")
+    p.add_argument("--out", type=output_dir, default="normalign-demo", help="output folder (default: normalign-demo)")
+    p.add_argument("--seed", type=int, default=0, help="seed of data, models, batches (default 0)")
+    p.add_argument("--steps", type=positive_int, default=None, help="stage-1 steps per variant (default: the preset's)")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch intra-op threads (default 1: fastest here)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _patch_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help="local directory or Hub repo id of the base VLM")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--methods", type=method_list, help="comma-separated methods: projector_norm,moca,pre")
+    which.add_argument("--config", type=config_file, metavar="JSON", help="a NormAlignConfig as a JSON file")
+    p.add_argument("--out", required=True, type=output_dir, metavar="DIR", help="output directory")
+    p.add_argument("--adapter-only", action="store_true", help="write only the hf-normalign files")
+    p.add_argument(
+        "--include", default="projector", help="adapter-only: modules saved with the plugin (comma-separated)"
+    )
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help="dtype to load with")
+    p.add_argument("--revision", help="Hub revision of MODEL")
+
+
+def _push_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("directory", type=aligned_dir, metavar="DIR", help="directory written by save_pretrained / patch")
+    p.add_argument("repo_id", metavar="REPO_ID", help="target repo, e.g. me/llava-normalign")
+    p.add_argument("--adapter-only", action="store_true", help="expect DIR to hold an adapter (fails on a full one)")
+    p.add_argument("--private", action="store_true", help="create the repo as private")
+    p.add_argument("--token", help="Hub token (default: the logged-in one)")
+    p.add_argument("--revision", help="branch to push to")
+    p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    p.add_argument("--commit-message", help="commit message")
+    p.add_argument("--mir", type=float, help="MIR of the model, shown in the model card")
+
+
+def _probe_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--images", type=existing_dir, help="image folder of your probe set (with --texts)")
+    p.add_argument("--texts", help="text file (one passage per line), .jsonl, or folder of .txt files")
+    p.add_argument("--num-samples", type=positive_int, default=100, help="image-text pairs to use (default 100)")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--device", help="cpu, cuda, cuda:1 or auto (device map); default: cuda if available")
+    p.add_argument("--dtype", choices=DTYPES, default="auto")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _mir_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="model directory or Hub repo id (loaded with AutoModelForImageTextToText)")
+    _probe_arguments(p)
+    p.add_argument("--seed", type=int, default=0, help="seed of the probe subset and the built-in images")
+    p.add_argument("--layers", type=layer_list, help="layers, e.g. 1-8,-1 (default: all decoder layers)")
+    p.add_argument("--include-embeddings", action="store_true", help="also use layer 0, the LLM input")
+    p.add_argument("--outliers", choices=OUTLIER_MODES, default="replace_median")
+    p.add_argument("--sqrt", choices=SQRT_METHODS, default="exact")
+    p.add_argument("--log-base", type=float, default=10.0)
+    p.add_argument("--no-final-norm", action="store_true", help="last layer before the final norm")
+    p.add_argument(
+        "--streaming",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bounded-memory mode (drop/none outliers; default on for those)",
+    )
+    p.add_argument("--prompt", help="prompt with {text} and the image placeholder (default: chat template)")
+    p.add_argument("--load-in-4bit", action="store_true", help="quantise with bitsandbytes (nf4)")
+    p.add_argument("--json", type=output_file, help="write the result as JSON here")
+
+
+def _report_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="model directory or Hub repo id (aligned checkpoints load patched)")
+    p.add_argument(
+        "--compare", action="append", default=[], metavar="MODEL2", help="another model to overlay (repeatable)"
+    )
+    p.add_argument("--out", required=True, type=output_dir, help="output folder")
+    p.add_argument("--metrics", default=",".join(REPORT_METRICS), help=f"subset of {','.join(REPORT_METRICS)}")
+    _probe_arguments(p)
+    p.add_argument("--degradation-samples", type=positive_int, default=60, help="labelled shapes images (default 60)")
+    p.add_argument("--key-layers", type=layer_list, help="decoder layers of the key-space gap, e.g. 1-8,-1")
+    p.add_argument("--max-key-samples", type=positive_int, default=2000, help="keys per modality and layer")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--title", default="hf-normalign diagnostics")
+
+
+COMMANDS: dict[str, Command] = {
+    "demo": Command(
+        "run the miniature alignment experiment offline",
+        "Stage-1 alignment of baseline, projector_norm (with and without GWC), moca, pre and all three on a "
+        "synthetic captioning task, offline on CPU. Writes report.html, results.json, diagnostics/ and "
+        "checkpoint/ to --out and prints the results table.",
+        _demo_arguments,
+        "hf_normalign.demo:_main",
+    ),
+    "patch": Command(
+        "patch a model and save the aligned checkpoint",
+        "Load MODEL (a directory or Hub repo id), patch it and save an aligned checkpoint to --out.",
+        _patch_arguments,
+        "hf_normalign.persistence:_run_patch",
+    ),
+    "push": Command(
+        "upload an aligned checkpoint or adapter to the Hub",
+        "Upload the aligned checkpoint or adapter in DIR to REPO_ID, in one commit with a model card.",
+        _push_arguments,
+        "hf_normalign.hub:_run_push",
+    ),
+    "mir": Command(
+        "Modality Integration Rate of a model",
+        "MIR of a VLM (local path or Hub id): per-layer FID table, the MIR, optional JSON.",
+        _mir_arguments,
+        "hf_normalign.diagnostics.mir:_main",
+    ),
+    "report": Command(
+        "HTML report of the modality-gap diagnostics",
+        "Norm / update-rate profiles, MIR, key-space gap and visual degradation of MODEL (and of each --compare "
+        "model, overlaid) as report.html + PNG plots + report.json in --out.",
+        _report_arguments,
+        "hf_normalign.diagnostics.report:_main",
+    ),
 }
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="normalign", description="Fix and measure the modality gap in VLMs.")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, help_text) in COMMANDS.items():
-        if command == name:
-            importlib.import_module(module).register(subparsers)
-        else:
-            subparsers.add_parser(name, help=help_text)
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """One line (argparse prints the usage first): the problem, and where the fix is documented."""
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="normalign", description="Fix and measure the modality gap in VLMs.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, command in COMMANDS.items():
+        sub = subparsers.add_parser(name, help=command.help, description=command.description)
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback")
+        command.arguments(sub)
     return parser
 
 
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, ModuleNotFoundError) and err.name:
+        package = err.name.split(".")[0]
+        extra = EXTRAS.get(package)
+        fix = f"pip install 'hf-normalign[{extra}]'" if extra else f"pip install {package}"
+        return f"the optional package {package!r} is not installed: {fix}"
+    text = re.sub(r"\s+", " ", str(err)).strip() or type(err).__name__
+    return text if len(text) <= 600 else text[:597] + "..."
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    command = next((a for a in argv if a in COMMANDS), None)
-    parser = build_parser(command)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     if args.command is None:
-        parser.print_help()
+        build_parser().print_help(sys.stderr)
         return 2
-    return int(args.func(args) or 0)
+    module, function = COMMANDS[args.command].run.split(":")
+    try:
+        return int(getattr(importlib.import_module(module), function)(args) or 0)
+    except KeyboardInterrupt:
+        print(f"normalign {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if args.debug:
+            raise
+        print(f"normalign {args.command}: error: {_one_line(err)} (--debug shows the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -7,13 +7,16 @@ keys so that a checkpoint written by a newer release fails loudly instead of loa
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 METHODS: tuple[str, ...] = ("projector_norm", "moca", "pre")
 
 
-def _from_dict(cls: type, data: dict[str, Any]) -> Any:
+def _from_dict(cls: type, data: Any) -> Any:
+    if not isinstance(data, dict):
+        raise TypeError(f"{cls.__name__}.from_dict takes a dict of settings, got {data!r} ({type(data).__name__}).")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
@@ -22,6 +25,40 @@ def _from_dict(cls: type, data: dict[str, Any]) -> Any:
             "The config was probably written by a newer hf-normalign: upgrade it."
         )
     return cls(**data)
+
+
+# --- field checks: every config field is validated here, on construction and so also in from_dict ---------------
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_bool(owner: str, name: str, value: Any) -> None:
+    if not isinstance(value, bool):  # "no" or 0 would silently read as a truth value
+        raise TypeError(f"{owner}.{name} must be true or false, got {value!r} ({type(value).__name__}).")
+
+
+def _check_number(owner: str, name: str, value: Any, *, minimum: float, strict: bool, optional: bool = False) -> None:
+    """A finite real number above ``minimum`` (``strict``) or at least ``minimum``; None when ``optional``."""
+    if value is None and optional:
+        return
+    allowed = f"a finite number {'>' if strict else '>='} {minimum}" + (" or null" if optional else "")
+    if not _is_number(value):
+        raise TypeError(f"{owner}.{name} must be {allowed}, got {value!r} ({type(value).__name__}).")
+    if not (math.isfinite(value) and (value > minimum if strict else value >= minimum)):
+        raise ValueError(f"{owner}.{name} must be {allowed}, got {value!r}.")
+
+
+def _check_index(owner: str, name: str, value: Any, *, optional: bool = True) -> None:
+    """A decoder-layer index or width: an int >= 0 (bools and floats refused); None when ``optional``."""
+    if value is None and optional:
+        return
+    allowed = "an int >= 0" + (" or null" if optional else "")
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{owner}.{name} must be {allowed}, got {value!r} ({type(value).__name__}).")
+    if value < 0:
+        raise ValueError(f"{owner}.{name} must be {allowed}, got {value!r}.")
 
 
 @dataclass
@@ -50,10 +87,12 @@ class ProjectorNormConfig:
     deepstack: bool = True
 
     def __post_init__(self) -> None:
-        if self.target_norm is not None and not self.target_norm > 0:
-            raise ValueError(f"target_norm must be positive, got {self.target_norm}")
-        if not self.gwc_floor > 0:
-            raise ValueError(f"gwc_floor must be positive, got {self.gwc_floor}")
+        owner = type(self).__name__
+        _check_bool(owner, "gwc", self.gwc)
+        _check_number(owner, "target_norm", self.target_norm, minimum=0, strict=True, optional=True)
+        _check_number(owner, "gwc_floor", self.gwc_floor, minimum=0, strict=True)
+        _check_number(owner, "eps", self.eps, minimum=0, strict=True)
+        _check_bool(owner, "deepstack", self.deepstack)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -76,10 +115,19 @@ class MoCaConfig:
     layers: list[int] | None = None
 
     def __post_init__(self) -> None:
-        if self.init_std < 0:
-            raise ValueError(f"init_std must be >= 0, got {self.init_std}")
-        if self.layers is not None:
-            self.layers = sorted({int(i) for i in self.layers})
+        owner = type(self).__name__
+        _check_number(owner, "init_std", self.init_std, minimum=0, strict=False)
+        if self.layers is None:
+            return
+        # A string is iterable too: "01" must not become layers [0, 1].
+        if not isinstance(self.layers, (list, tuple)) or not self.layers:
+            raise TypeError(
+                f"{owner}.layers must be a non-empty list of decoder-layer indices (ints >= 0) or null for every "
+                f"layer, got {self.layers!r} ({type(self.layers).__name__})."
+            )
+        for index in self.layers:
+            _check_index(owner, "layers[...]", index, optional=False)
+        self.layers = sorted(set(self.layers))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -109,10 +157,14 @@ class PReConfig:
     anchor: Literal["llm_input", "encoder_output"] = "llm_input"
 
     def __post_init__(self) -> None:
+        owner = type(self).__name__
+        _check_index(owner, "layer", self.layer)
+        _check_number(owner, "weight", self.weight, minimum=0, strict=False)
+        _check_index(owner, "head_hidden_size", self.head_hidden_size)
+        if self.head_hidden_size == 0:
+            raise ValueError(f"{owner}.head_hidden_size must be a positive int or null, got 0.")
         if self.anchor not in self.ANCHORS:
-            raise ValueError(f"PReConfig.anchor must be one of {self.ANCHORS}, got {self.anchor!r}")
-        if self.weight < 0:
-            raise ValueError(f"PReConfig.weight must be >= 0, got {self.weight}")
+            raise ValueError(f"{owner}.anchor must be one of {self.ANCHORS}, got {self.anchor!r}.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -155,13 +207,20 @@ class NormAlignConfig:
             elif isinstance(value, dict):
                 value = cls.from_dict(value)
             elif not isinstance(value, cls):
-                raise TypeError(f"NormAlignConfig.{name} must be a bool or {cls.__name__}, got {value!r}")
+                raise TypeError(
+                    f"NormAlignConfig.{name} must be true, false, null, a {cls.__name__} or its dict, got {value!r} "
+                    f"({type(value).__name__})."
+                )
             setattr(self, name, value)
 
     @classmethod
     def from_methods(cls, methods: str | list[str] | tuple[str, ...], **overrides: Any) -> NormAlignConfig:
         """Build a config from method names; ``overrides`` may pass a method's own config."""
+        if not isinstance(methods, (str, list, tuple)):
+            raise TypeError(f"methods must be a method name or a list of them ({list(METHODS)}), got {methods!r}.")
         names = [methods] if isinstance(methods, str) else list(methods)
+        if not names:
+            raise ValueError(f"The method list is empty: nothing would be patched. Pass any of {list(METHODS)}.")
         unknown = [m for m in names if m not in METHODS]
         if unknown:
             raise ValueError(f"Unknown method(s) {unknown}; the methods are {list(METHODS)}.")
@@ -180,7 +239,9 @@ class NormAlignConfig:
         return {m: (getattr(self, m).to_dict() if getattr(self, m) is not None else None) for m in METHODS}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> NormAlignConfig:
+    def from_dict(cls, data: Any) -> NormAlignConfig:
+        if not isinstance(data, dict):
+            raise TypeError(f"NormAlignConfig.from_dict takes a dict of methods, got {data!r} ({type(data).__name__}).")
         unknown = sorted(set(data) - set(METHODS))
         if unknown:
             raise ValueError(

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 from collections.abc import Sequence
 from typing import Any
@@ -255,41 +254,18 @@ def push_to_hub(
 # --- command line: `normalign push` --------------------------------------------------------------------------
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "push",
-        help="upload an aligned checkpoint or adapter to the Hub",
-        description="Upload the aligned checkpoint or adapter in DIR to REPO_ID, in one commit with a model card.",
-    )
-    parser.add_argument("directory", metavar="DIR", help="directory written by save_pretrained / normalign patch")
-    parser.add_argument("repo_id", metavar="REPO_ID", help="target repo, e.g. me/llava-normalign")
-    parser.add_argument(
-        "--adapter-only", action="store_true", help="expect DIR to hold an adapter (fails on a full checkpoint)"
-    )
-    parser.add_argument("--private", action="store_true", help="create the repo as private")
-    parser.add_argument("--token", help="Hub token (default: the logged-in one)")
-    parser.add_argument("--revision", help="branch to push to")
-    parser.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
-    parser.add_argument("--commit-message", help="commit message")
-    parser.add_argument("--mir", type=float, help="MIR of the model, shown in the model card")
-    parser.set_defaults(func=_run_push)
-
-
 def _run_push(args: argparse.Namespace) -> int:
-    try:
-        commit = push_to_hub(
-            args.directory,
-            args.repo_id,
-            adapter_only=True if args.adapter_only else None,
-            private=True if args.private else None,
-            token=args.token,
-            revision=args.revision,
-            create_pr=args.create_pr,
-            commit_message=args.commit_message,
-            mir=args.mir,
-        )
-    except ValueError as err:
-        print(f"normalign push: error: {err}", file=sys.stderr)
-        return 2
+    """``normalign push`` (options in hf_normalign.cli)."""
+    commit = push_to_hub(
+        args.directory,
+        args.repo_id,
+        adapter_only=True if args.adapter_only else None,
+        private=True if args.private else None,
+        token=args.token,
+        revision=args.revision,
+        create_pr=args.create_pr,
+        commit_message=args.commit_message,
+        mir=args.mir,
+    )
     print(commit.pr_url or commit.commit_url)
     return 0

@@ -491,6 +491,12 @@ def patch(
 
     Patching an already patched model with the same config is a no-op; a different config raises.
     """
+    if not isinstance(model, nn.Module):  # a repo id or None would otherwise fail as "model_type None"
+        raise TypeError(
+            f"patch() takes a loaded model, got {model!r} ({type(model).__name__}). Load it first, e.g. "
+            "AutoModelForImageTextToText.from_pretrained(repo_id), or load an aligned checkpoint with "
+            "hf_normalign.from_pretrained(repo_id)."
+        )
     # A private copy: editing the caller's config afterwards must not change the patched model.
     config = NormAlignConfig.from_dict(_resolve_config(config, methods, overrides).to_dict())
     base = _base_model(model)
@@ -518,15 +524,14 @@ def patch(
         if pn.deepstack:
             for path in spec.extra_projectors:
                 projectors.extend(spec.get(base, path))
+        devices = [_device_of(p) for p in projectors]  # the meta-device check first: embedding_scale reads weights
         target = pn.target_norm
         if target is None:
             # Without init the gain is a placeholder the caller overwrites with saved weights.
             target = embedding_scale(base, spec) if init_weights else 1.0
         plugin.projector_norm = nn.ModuleList(
-            ProjectorLayerNorm(hidden, target_norm=target, gwc=pn.gwc, gwc_floor=pn.gwc_floor, eps=pn.eps).to(
-                _device_of(p)
-            )
-            for p in projectors
+            ProjectorLayerNorm(hidden, target_norm=target, gwc=pn.gwc, gwc_floor=pn.gwc_floor, eps=pn.eps).to(device)
+            for device in devices
         )
     if config.moca is not None:
         generator = torch.Generator().manual_seed(0)

@@ -32,13 +32,13 @@ from __future__ import annotations
 
 import argparse
 import contextvars
+import dataclasses
+import hashlib
 import inspect
 import json
 import os
 import re
 import shutil
-import stat
-import sys
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -46,14 +46,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import wrapt
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import logging
 from transformers.utils.hub import cached_file
 
+from ._install import install as install  # re-exported: persistence.install()
 from .config import METHODS, NormAlignConfig
 from .patching import ATTRIBUTE, NormAlignModules, _base_model, get_plugin, patch, unpatch
 from .registry import get_spec
@@ -69,8 +69,6 @@ AUTOLOAD_ENV = "HF_NORMALIGN_AUTOLOAD"
 _OWN_FILES = frozenset({CONFIG_NAME, WEIGHTS_NAME, MODULES_NAME})
 # The keyword arguments of `from_pretrained` that locate files (forwarded to `cached_file`).
 _HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
-# Auto classes that map the supported VLMs; their `from_pretrained` is a per-class copy, so each is wrapped.
-_AUTO_CLASSES = ("AutoModelForImageTextToText", "AutoModelForMultimodalLM")
 _SHARD_RE = re.compile(r"(.*?)-\d{5}-of-\d{5}")
 
 
@@ -102,6 +100,7 @@ class CheckpointInfo:
     modules_to_save: tuple[str, ...] = ()
     format_version: int = FORMAT_VERSION
     library_version: str | None = None
+    sha256: dict[str, str] = dataclasses.field(default_factory=dict)  # weights file name -> hex digest
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -116,6 +115,7 @@ class CheckpointInfo:
             "hidden_size": self.hidden_size,
             "num_decoder_layers": self.num_decoder_layers,
             "modules_to_save": list(self.modules_to_save),
+            "sha256": dict(sorted(self.sha256.items())),
         }
 
     @classmethod
@@ -145,6 +145,14 @@ class CheckpointInfo:
             raise NormAlignCheckpointError(f"{source}: invalid 'methods': {err}") from err
         if not config.methods:
             raise NormAlignCheckpointError(f"{source} enables no method under 'methods'; expected any of {METHODS}.")
+        hashes = data.get("sha256") or {}
+        if not isinstance(hashes, dict) or not all(
+            isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) for v in hashes.values()
+        ):
+            raise NormAlignCheckpointError(
+                f"{source}: 'sha256' must map weights file names to SHA-256 hex digests, got {hashes!r}. The file "
+                "was edited: re-save the model."
+            )
         try:
             return cls(
                 config=config,
@@ -158,6 +166,7 @@ class CheckpointInfo:
                 modules_to_save=tuple(data.get("modules_to_save") or ()),
                 format_version=version,
                 library_version=data.get("library_version"),
+                sha256=dict(hashes),
             )
         except (TypeError, ValueError) as err:
             raise NormAlignCheckpointError(f"{source}: malformed value: {err}") from err
@@ -168,8 +177,10 @@ class CheckpointInfo:
         try:
             with open(path, encoding="utf-8") as f:
                 data = json.load(f)
-        except json.JSONDecodeError as err:
-            raise NormAlignCheckpointError(f"{path} is not valid JSON: {err}") from err
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise NormAlignCheckpointError(
+                f"{path} is not valid UTF-8 JSON ({err}): the checkpoint is damaged; re-save or re-download it."
+            ) from err
         return cls.from_dict(data, source=path)
 
     def describe_base(self) -> str:
@@ -224,6 +235,14 @@ def _plugin_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {key: value.detach().to("cpu", copy=True).contiguous() for key, value in state.items()}
 
 
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _write_files(
     directory: str,
     info: CheckpointInfo,
@@ -233,74 +252,124 @@ def _write_files(
     # One metadata key only: safetensors writes several in no fixed order, and identical saves should be
     # identical files (reproducible, and deduplicated on the Hub). The version lives in the config file.
     metadata = {"format": "pt"}
-    save_file(_plugin_tensors(plugin_state), os.path.join(directory, WEIGHTS_NAME), metadata=metadata)
-    if module_state:
-        save_file(_plugin_tensors(module_state), os.path.join(directory, MODULES_NAME), metadata=metadata)
+    files = {WEIGHTS_NAME: plugin_state, **({MODULES_NAME: module_state} if module_state else {})}
+    hashes = {}
+    for name, state in files.items():
+        path = os.path.join(directory, name)
+        _file_operation("write", path)
+        save_file(_plugin_tensors(state), path, metadata=metadata)
+        hashes[name] = _sha256(path)
+    _file_operation("write", os.path.join(directory, CONFIG_NAME))
     with open(os.path.join(directory, CONFIG_NAME), "w", encoding="utf-8") as f:
-        f.write(json.dumps(info.to_dict(), indent=2) + "\n")
+        f.write(json.dumps(dataclasses.replace(info, sha256=hashes).to_dict(), indent=2) + "\n")
 
 
-class _RollbackFailed(RuntimeError):
-    """Restoring the previous directory failed; the staging directory holds files that must not be deleted."""
+# --- crash-safe directory writes ----------------------------------------------------------------------------------
+#
+# A save writes everything into a hidden staging folder beside the target, then writes a commit marker into it
+# (atomically: a temporary file renamed), then moves each new file over the old one (os.replace, atomic per file)
+# and removes the old files the new save replaces (stale shards, plugin files it no longer writes). Files of the
+# target that the save does not write (processor, tokenizer, trainer state, notes) are never moved. The next save
+# or load of the folder finishes a committed save (`recover`) and removes an uncommitted staging folder, which
+# holds only files of the interrupted save.
+
+COMMIT_NAME = ".normalign-commit.json"
+_STAGING = ".normalign-staging-"
+# Test hook: called with (operation, path) before every file operation of a save (see tests/test_crash_safe_save.py).
+_on_file_operation: Callable[[str, str], None] | None = None
+
+
+def _file_operation(operation: str, path: str) -> None:
+    if _on_file_operation is not None:
+        _on_file_operation(operation, path)
+
+
+def _staging_folders(target: str) -> list[str]:
+    parent, name = os.path.split(target)
+    prefix = f".{name}{_STAGING}"
+    try:
+        entries = os.listdir(parent or ".")
+    except OSError:
+        return []
+    return sorted(os.path.join(parent, e) for e in entries if e.startswith(prefix))
+
+
+def recover(directory: str | os.PathLike) -> None:
+    """Finish or clean up an interrupted save of ``directory`` (called by every save and local load).
+
+    A committed save (its staging folder holds the commit marker) is completed; an uncommitted staging folder
+    holds only the interrupted save's own files and is removed, with a warning.
+
+    Example:
+        >>> normalign.persistence.recover("out/aligned")   # doctest: +SKIP
+    """
+    target = os.path.realpath(os.fspath(directory))
+    for staging in _staging_folders(target):
+        marker = os.path.join(staging, COMMIT_NAME)
+        if os.path.isfile(marker):
+            with open(marker, encoding="utf-8") as f:
+                plan = json.load(f)
+            _apply(staging, target, plan["moves"], plan["removes"])
+        else:
+            logger.warning(f"Removing {staging}: the unfinished files of an interrupted save of {target}.")
+            _file_operation("rmtree", staging)
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _apply(staging: str, target: str, moves: list[str], removes: list[str]) -> None:
+    """Roll a committed save forward; every step may be repeated after a kill."""
+    if not os.path.isdir(target):
+        _file_operation("mkdir", target)
+        os.makedirs(target, exist_ok=True)
+    for entry in moves:
+        source = os.path.join(staging, entry)
+        if os.path.lexists(source):
+            _file_operation("replace", source)
+            os.replace(source, os.path.join(target, entry))
+    for entry in removes:
+        path = os.path.join(target, entry)
+        if os.path.lexists(path):
+            _file_operation("remove", path)
+            os.remove(path)
+    _file_operation("remove", os.path.join(staging, COMMIT_NAME))
+    os.remove(os.path.join(staging, COMMIT_NAME))
+    _file_operation("rmdir", staging)
+    os.rmdir(staging)
 
 
 @contextmanager
-def _atomic_directory(target: str | os.PathLike, carry: Callable[[str], bool]) -> Iterator[str]:
-    """Yield an empty staging directory beside ``target``; on success it replaces ``target``.
+def _atomic_directory(target: str | os.PathLike, replaces: Callable[[str], bool]) -> Iterator[str]:
+    """Yield an empty staging folder beside ``target``; on success its files replace those of ``target``.
 
-    Entries of the old ``target`` that the new save did not write and for which ``carry(name)`` is true
-    (a processor, trainer state, sub-folders) are moved over first. The old directory is renamed aside,
-    the staging directory renamed in, and the old one deleted; any failure before that rolls everything
-    back, so the previous checkpoint stays loadable.
+    Entries of ``target`` that the new save did not write stay, except those for which ``replaces(name)`` is
+    true (files of the previous save that the new one supersedes). A failure before the commit removes the
+    staging folder and leaves ``target`` as it was.
     """
     target = os.path.realpath(os.fspath(target))  # a symlinked checkpoint dir: replace what it points at
+    recover(target)
     parent, name = os.path.split(target)
     os.makedirs(parent, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    staging = os.path.join(parent, f".{name}.normalign-staging-{tag}")
+    staging = os.path.join(parent, f".{name}{_STAGING}{uuid.uuid4().hex[:8]}")
+    _file_operation("mkdir", staging)
     os.mkdir(staging)
     try:
         yield staging
-        _swap_in(staging, target, carry, aside=os.path.join(parent, f".{name}.normalign-old-{tag}"))
-    except _RollbackFailed:
-        raise
+        written = sorted(os.listdir(staging))
+        nested = [e for e in written if os.path.isdir(os.path.join(staging, e))]
+        if nested:
+            raise RuntimeError(f"hf-normalign saves files only; the save wrote the folders {nested} into {staging}.")
+        old = os.listdir(target) if os.path.isdir(target) else []
+        removes = sorted(e for e in old if e not in written and replaces(e) and os.path.isfile(os.path.join(target, e)))
+        temporary = os.path.join(staging, f"{COMMIT_NAME}.tmp")
+        _file_operation("write", temporary)
+        with open(temporary, "w", encoding="utf-8") as f:
+            json.dump({"moves": written, "removes": removes}, f)
+        _file_operation("replace", temporary)
+        os.replace(temporary, os.path.join(staging, COMMIT_NAME))  # the commit point
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-
-
-def _swap_in(staging: str, target: str, carry: Callable[[str], bool], aside: str) -> None:
-    if not os.path.exists(target):
-        os.rename(staging, target)
-        return
-    os.chmod(staging, stat.S_IMODE(os.stat(target).st_mode))
-    written = set(os.listdir(staging))
-    moved: list[str] = []
-    try:
-        for entry in os.listdir(target):
-            if entry not in written and carry(entry):
-                os.rename(os.path.join(target, entry), os.path.join(staging, entry))
-                moved.append(entry)
-        os.rename(target, aside)
-        try:
-            os.rename(staging, target)
-        except BaseException:
-            os.rename(aside, target)
-            raise
-    except BaseException as err:
-        try:
-            for entry in moved:
-                os.rename(os.path.join(staging, entry), os.path.join(target, entry))
-        except OSError as undo:
-            raise _RollbackFailed(
-                f"Saving to {target} failed ({err!r}) and moving {moved} back from {staging} failed too ({undo!r}); "
-                f"move them back by hand."
-            ) from err
-        raise
-    cwd_was_target = os.getcwd() == aside  # the process cwd followed the renamed directory
-    shutil.rmtree(aside, ignore_errors=True)
-    if cwd_was_target:
-        os.chdir(target)
+    _apply(staging, target, written, removes)
 
 
 def _stale_shard(name: str, weights_prefix: str) -> bool:
@@ -376,7 +445,7 @@ def save_pretrained(
         base_model_revision=base_model_revision,
         modules_to_save=paths,
     )
-    with _atomic_directory(save_directory, carry=lambda entry: entry not in _OWN_FILES) as staging:
+    with _atomic_directory(save_directory, replaces=lambda entry: entry in _OWN_FILES) as staging:
         _write_files(staging, info, plugin.state_dict(), module_state)
     return os.fspath(save_directory)
 
@@ -449,10 +518,10 @@ def _save_wrapper(wrapped: Callable[..., Any], instance: PreTrainedModel, args: 
     else:
         weights_prefix = f"model.{variant}" if variant else "model"
 
-    def carry(entry: str) -> bool:
-        return entry not in _OWN_FILES and not _stale_shard(entry, weights_prefix)
+    def replaces(entry: str) -> bool:
+        return entry in _OWN_FILES or _stale_shard(entry, weights_prefix)
 
-    with _atomic_directory(save_directory, carry) as staging:
+    with _atomic_directory(save_directory, replaces) as staging:
         arguments["save_directory"] = staging
         with _plugin_detached(base):
             result = wrapped(*bound.args, **bound.kwargs)
@@ -545,6 +614,8 @@ def _find_config(source: Any, kwargs: dict[str, Any]) -> str | None:
     the name is invalid or the repo unreachable (transformers then reports that itself)."""
     if not isinstance(source, (str, os.PathLike)):
         return None
+    if os.path.isdir(source):
+        recover(source)  # a save of this folder was interrupted: finish or clean it up before reading
     try:
         return cached_file(
             os.fspath(source),
@@ -560,12 +631,17 @@ def _find_config(source: Any, kwargs: dict[str, Any]) -> str | None:
 
 def _resolve_required(source: str, filename: str, kwargs: dict[str, Any]) -> str:
     try:
-        return cached_file(source, filename, **_hub_kwargs(kwargs))
+        path = cached_file(source, filename, **_hub_kwargs(kwargs))
     except OSError as err:
+        path, reason = None, err
+    else:
+        reason = "no such file"
+    if path is None:
         raise NormAlignCheckpointError(
-            f"{source} holds {CONFIG_NAME} but {filename} could not be resolved: {err}. The checkpoint is incomplete: "
-            "re-save or re-upload it."
-        ) from err
+            f"{source} holds {CONFIG_NAME} but {filename} could not be resolved: {reason}. The checkpoint is "
+            "incomplete: re-save or re-upload it."
+        ) from (reason if isinstance(reason, OSError) else None)
+    return path
 
 
 def read_checkpoint_info(pretrained_model_name_or_path: str | os.PathLike, **hub_kwargs: Any) -> CheckpointInfo:
@@ -608,11 +684,65 @@ def _check_base(model: nn.Module, info: CheckpointInfo, source: str) -> None:
         )
 
 
-def _read_tensors(path: str) -> dict[str, torch.Tensor]:
+def _verify(path: str, info: CheckpointInfo) -> None:
+    """The file's SHA-256 against the one recorded in normalign_config.json (checkpoints of 0.1.0 record none)."""
+    name = os.path.basename(path)
+    expected = info.sha256.get(name)
+    if expected is not None and _sha256(path) != expected:
+        raise NormAlignCheckpointError(
+            f"{path} does not match the SHA-256 recorded in {CONFIG_NAME} (damaged, truncated, or from another "
+            "save): re-save the model, or re-download it (force_download=True)."
+        )
+
+
+def _read_tensors(path: str, info: CheckpointInfo) -> dict[str, torch.Tensor]:
+    _verify(path, info)
     try:
-        return load_file(path)
+        tensors = load_file(path)
     except SafetensorError as err:
         raise NormAlignCheckpointError(f"{path} is not a readable safetensors file: {err}") from err
+    bad = sorted(key for key, value in tensors.items() if value.is_floating_point() and not value.isfinite().all())
+    if bad:
+        raise NormAlignCheckpointError(
+            f"{path} holds non-finite values (NaN or inf) in {bad}: the weights are damaged or training diverged. "
+            "Load an earlier checkpoint."
+        )
+    return tensors
+
+
+def _check_before_building(source: str, info: CheckpointInfo, weights: str, kwargs: dict[str, Any]) -> None:
+    """What can be checked without building the model: the base's config.json exists and matches, and the
+    plugin weights have the recorded hidden size. A missing config.json would otherwise make transformers
+    build a default-size (7B) model."""
+    from transformers import AutoConfig
+
+    config_path = _resolve_required(source, "config.json", kwargs)
+    try:
+        config = AutoConfig.from_pretrained(os.path.dirname(config_path))
+        found = (config.model_type, get_spec(config).hidden_size(config))
+    except (OSError, ValueError, KeyError) as err:
+        raise NormAlignCheckpointError(f"{config_path} cannot be read as the base model's config: {err}") from err
+    if found != (info.base_model_type, info.hidden_size):
+        raise NormAlignCheckpointError(
+            f"{source}: config.json describes model_type {found[0]!r} with hidden size {found[1]}, but {CONFIG_NAME} "
+            f"records {info.describe_base()}. The files come from different models: re-save the checkpoint."
+        )
+    _verify(weights, info)
+    try:
+        with safe_open(weights, framework="pt") as f:
+            shapes = {key: f.get_slice(key).get_shape() for key in f.keys()}  # noqa: SIM118
+    except SafetensorError as err:
+        raise NormAlignCheckpointError(f"{weights} is not a readable safetensors file: {err}") from err
+    wrong = sorted(
+        k
+        for k, shape in shapes.items()
+        if k.startswith(("projector_norm.", "moca.")) and shape[-1:] != [info.hidden_size]
+    )
+    if wrong:
+        raise NormAlignCheckpointError(
+            f"{weights}: {wrong} do not have the hidden size {info.hidden_size} that {CONFIG_NAME} records. The "
+            "weights were saved from a model of another size: load them on the base they were trained with."
+        )
 
 
 def _check_state(path: str, found: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str) -> None:
@@ -654,7 +784,7 @@ def _attach(model: nn.Module, info: CheckpointInfo, source: str, weights: str, m
         raise NormAlignCheckpointError(f"{source}: its {CONFIG_NAME} settings cannot be applied: {err}") from err
     plugin = get_plugin(base)
     try:
-        tensors = _read_tensors(weights)
+        tensors = _read_tensors(weights, info)
         _check_state(weights, tensors, plugin.state_dict(), f"the modules {CONFIG_NAME} describes ({info.config})")
         plugin.load_state_dict(tensors, strict=True)
         if modules is not None:
@@ -666,7 +796,7 @@ def _attach(model: nn.Module, info: CheckpointInfo, source: str, weights: str, m
 
 
 def _load_modules(base: nn.Module, info: CheckpointInfo, path: str) -> None:
-    tensors = _read_tensors(path)
+    tensors = _read_tensors(path, info)
     claimed: set[str] = set()
     for module_path in info.modules_to_save:
         try:
@@ -724,11 +854,19 @@ def _load_aligned(
             base_kwargs = {key: value for key, value in kwargs.items() if key not in ("revision", "subfolder")}
             if info.base_model_revision is not None:
                 base_kwargs["revision"] = info.base_model_revision
-            with _base_load():
-                base_model = load_base(info.base_model_name_or_path, *model_args, **base_kwargs)
+            try:
+                with _base_load():
+                    base_model = load_base(info.base_model_name_or_path, *model_args, **base_kwargs)
+            except OSError as err:
+                raise NormAlignCheckpointError(
+                    f"The adapter at {source} names the base model {info.base_model_name_or_path!r} in {CONFIG_NAME}, "
+                    f"which cannot be loaded ({err}). Pass base_model=<the loaded base>, or correct "
+                    f"base_model_name_or_path in {CONFIG_NAME}."
+                ) from err
     elif base_model is not None:
         raise ValueError(f"base_model= applies to adapter-only checkpoints; {source} holds the full model weights.")
     else:
+        _check_before_building(source, info, weights, kwargs)
         with _base_load():
             base_model = load_base(source, *model_args, **kwargs)
     # output_loading_info=True: transformers returns (model, loading_info); patch the model, keep the tuple.
@@ -842,19 +980,7 @@ def _from_pretrained_wrapper(wrapped: Callable[..., Any], cls: type, args: tuple
     return _load_aligned(os.fspath(source), info, wrapped, args[1:], kwargs)
 
 
-# --- installing the wrappers ---------------------------------------------------------------------------------
-
-
-def _ours(wrapper: Callable[..., Any]) -> Callable[..., Any]:
-    wrapper._hf_normalign = True  # type: ignore[attr-defined]
-    return wrapper
-
-
-def _wrap_once(owner: type, name: str, wrapper: Callable[..., Any]) -> None:
-    current = inspect.getattr_static(owner, name)
-    if isinstance(current, wrapt.FunctionWrapper) and getattr(current._self_wrapper, "_hf_normalign", False):
-        return
-    wrapt.wrap_function_wrapper(owner, name, _ours(wrapper))
+# --- the wrappers (installed by hf_normalign._install, which forwards to them) ---------------------------------
 
 
 def _push_wrapper(wrapped: Callable[..., Any], instance: PreTrainedModel, args: tuple, kwargs: dict) -> Any:
@@ -890,78 +1016,21 @@ def _restore_plugin(model: nn.Module, checkpoint: str | None) -> None:
         load_plugin_weights(model, checkpoint)
 
 
-def _install_trainer(module: Any) -> None:
-    _wrap_once(module.Trainer, "_load_from_checkpoint", _resume_wrapper)
-    _wrap_once(module.Trainer, "_load_best_model", _best_model_wrapper)
-
-
-def install() -> None:
-    """Install the ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` wrappers (idempotent).
-
-    Called by ``import hf_normalign``; models that are not patched, and checkpoints without
-    ``normalign_config.json``, behave exactly as without hf-normalign. The Trainer's checkpoint loading
-    (resume, ``load_best_model_at_end``) is wrapped when ``transformers.trainer`` is imported, to restore
-    the plugin weights as well.
-    """
-    import transformers
-
-    _wrap_once(PreTrainedModel, "save_pretrained", _save_wrapper)
-    _wrap_once(PreTrainedModel, "from_pretrained", _from_pretrained_wrapper)
-    _wrap_once(PreTrainedModel, "push_to_hub", _push_wrapper)
-    for name in _AUTO_CLASSES:
-        auto_class = getattr(transformers, name, None)
-        if auto_class is not None:
-            _wrap_once(auto_class, "from_pretrained", _from_pretrained_wrapper)
-    wrapt.register_post_import_hook(_install_trainer, "transformers.trainer")  # imported lazily: costly
-
-
-# --- command line: `normalign patch` -------------------------------------------------------------------------
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "patch",
-        help="patch a model and save the aligned checkpoint",
-        description="Load MODEL (a directory or Hub repo id), patch it and save an aligned checkpoint to --out.",
-    )
-    parser.add_argument("model", metavar="MODEL", help="local directory or Hub repo id of the base VLM")
-    parser.add_argument("--methods", help=f"comma-separated methods: {','.join(METHODS)}")
-    parser.add_argument("--config", metavar="JSON", help="a NormAlignConfig as a JSON file (instead of --methods)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    parser.add_argument("--adapter-only", action="store_true", help="write only the hf-normalign files")
-    parser.add_argument(
-        "--include", default="projector", help="adapter-only: modules saved with the plugin (comma-separated)"
-    )
-    parser.add_argument("--dtype", default="auto", help="dtype to load with (auto, float32, bfloat16, float16)")
-    parser.add_argument("--revision", help="Hub revision of MODEL")
-    parser.set_defaults(func=_run_patch)
+# --- command line: `normalign patch` (options in hf_normalign.cli) -------------------------------------------------
 
 
 def _run_patch(args: argparse.Namespace) -> int:
-    if (args.methods is None) == (args.config is None):
-        print("normalign patch: error: pass exactly one of --methods and --config", file=sys.stderr)
-        return 2
-    try:
-        config = _cli_config(args)
-        saved = _patch_and_save(args, config)
-    except ValueError as err:
-        print(f"normalign patch: error: {err}", file=sys.stderr)
-        return 2
+    """``normalign patch`` (options in hf_normalign.cli): load, patch and save."""
+    config = args.methods or args.config
+    saved = _patch_and_save(args, config)
     print(f"Saved {saved} ({', '.join(config.methods)}) to {args.out}")
     return 0
-
-
-def _cli_config(args: argparse.Namespace) -> NormAlignConfig:
-    if args.config is not None:
-        with open(args.config, encoding="utf-8") as f:
-            return NormAlignConfig.from_dict(json.load(f))
-    return NormAlignConfig.from_methods([m.strip() for m in args.methods.split(",") if m.strip()])
 
 
 def _patch_and_save(args: argparse.Namespace, config: NormAlignConfig) -> str:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)  # one of cli.DTYPES
     with autoload(False):
         model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype, revision=args.revision)
     patch(model, config)

@@ -24,6 +24,7 @@ import json
 import logging as std_logging
 import os
 import re
+import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from typing import Any
 import torch
 import yaml
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from transformers.utils import logging
 from transformers.utils.hub import cached_file
 
@@ -119,6 +120,10 @@ class DataArguments:
 class RecipeArguments:
     mir_every: int = field(default=0, metadata={"help": "log MIR every N optimizer steps (0: off)"})
     mir_samples: int = field(default=100, metadata={"help": "probe samples for MIR"})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "train into an output_dir that holds an earlier run, deleting its checkpoint-* folders"},
+    )
 
 
 @dataclass
@@ -265,6 +270,9 @@ def _validate(
             f"--normalign_config ask for {config}. Drop them to continue with the checkpoint's settings."
         )
     resume = _resume_checkpoint(training_args)
+    _check_output_dir(output_dir, resume, recipe_args.overwrite_output_dir)
+    if resume is not None:
+        _check_resume_matches(resume, checkpoint_config or config)
     peft = model_args.lora or model_args.qlora
     return RecipeConfig(
         stage=stage,
@@ -278,6 +286,54 @@ def _validate(
         resume_from_checkpoint=resume,
         push_to_hub=hub,
     )
+
+
+def _earlier_run(output_dir: str) -> list[str]:
+    """What marks ``output_dir`` as holding an earlier run: its checkpoints and final-save files."""
+    if not os.path.isdir(output_dir):
+        return []
+    marks = {CONFIG_NAME, "trainer_state.json", "config.json", "adapter_config.json"}
+    return sorted(e for e in os.listdir(output_dir) if e.startswith(PREFIX_CHECKPOINT_DIR) or e in marks)
+
+
+def _check_output_dir(output_dir: str, resume: str | None, overwrite: bool) -> None:
+    found = _earlier_run(output_dir)
+    if not found or overwrite:
+        return
+    if resume is not None and os.path.realpath(os.path.dirname(os.path.abspath(resume))) == os.path.realpath(
+        output_dir
+    ):
+        return  # resuming that very run
+    raise ConfigError(
+        f"output_dir {output_dir} holds an earlier run ({', '.join(found[:4])}{' ...' if len(found) > 4 else ''}); "
+        "its checkpoints would mix with this run's. Choose a new --output_dir, resume it with "
+        "--resume_from_checkpoint true, or pass --overwrite_output_dir to replace it"
+    )
+
+
+def _check_resume_matches(checkpoint: str, config: NormAlignConfig | None) -> None:
+    """The checkpoint must come from a run with the same hf-normalign settings."""
+    path = os.path.join(checkpoint, CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise ConfigError(f"resume_from_checkpoint {checkpoint} holds no {CONFIG_NAME}: it is not an hf-normalign run")
+    try:
+        info = CheckpointInfo.from_file(path)
+    except normalign.NormAlignCheckpointError as err:
+        raise ConfigError(str(err)) from err
+    if config is not None and info.config != config:
+        raise ConfigError(
+            f"resume_from_checkpoint {checkpoint} was trained with {info.config}, but this run asks for {config}: "
+            "resume with the settings of that run, or start a new run in a new --output_dir"
+        )
+
+
+def _remove_earlier_checkpoints(output_dir: str) -> None:
+    """--overwrite_output_dir: drop the earlier run's checkpoint-* folders, so a later resume cannot pick one."""
+    for entry in _earlier_run(output_dir):
+        path = os.path.join(output_dir, entry)
+        if entry.startswith(PREFIX_CHECKPOINT_DIR) and os.path.isdir(path):
+            logger.warning(f"--overwrite_output_dir: removing {path} of an earlier run")
+            shutil.rmtree(path)
 
 
 def _check_data_paths(data_args: DataArguments) -> None:
@@ -341,6 +397,15 @@ def load_dataset(data_args: DataArguments) -> ConversationDataset:
         "id_column": data_args.id_column,
     }
     options = {"skip_bad_rows": data_args.skip_bad_rows, "verify_images": data_args.verify_images}
+    try:
+        return _read_dataset(data_args, options, columns)
+    except BadRowError:
+        raise
+    except (OSError, ValueError) as err:  # invalid JSON, not UTF-8, a dict instead of a list, a missing column
+        raise ConfigError(f"data_path {data_args.data_path}: {err}") from err
+
+
+def _read_dataset(data_args: DataArguments, options: dict[str, Any], columns: dict[str, str]) -> ConversationDataset:
     path = data_args.data_path
     if path.endswith((".json", ".jsonl")):
         return LlavaJsonDataset(path, data_args.image_folder, **options, **columns)
@@ -501,6 +566,8 @@ def run(config: RecipeConfig) -> Trainer:
     ``peft.PeftModel.from_pretrained(model, output_dir)`` adds the LoRA weights.
     """
     trainer = build_trainer(config)
+    if config.recipe.overwrite_output_dir and config.resume_from_checkpoint is None and trainer.args.should_save:
+        _remove_earlier_checkpoints(config.training.output_dir)
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     output_dir = config.training.output_dir
     if config.model.lora:

@@ -187,6 +187,6 @@ def test_cli_push(model, recorded, tmp_path, capsys):
     assert set(commit["files"]) == FULL_FILES and recorded.repos[0]["private"] is True
     assert b"lower is better): 2.5000" in commit["files"]["README.md"]
 
-    assert cli.main(["push", str(tmp_path), "me/aligned", "--adapter-only"]) == 2
+    assert cli.main(["push", str(tmp_path), "me/aligned", "--adapter-only"]) == 1
     assert "holds a full checkpoint" in capsys.readouterr().err
     assert len(recorded.commits) == 1

@@ -212,18 +212,18 @@ def _fail_plugin_write(monkeypatch, tmp_path):
     monkeypatch.setattr(persistence, "save_file", fail)
 
 
-def _fail_swap(monkeypatch, tmp_path):
-    rename = os.rename
+def _fail_commit(monkeypatch, tmp_path):
+    replace = os.replace
 
-    def fail_staging_rename(src, dst):
-        if ".normalign-staging-" in os.fspath(src) and os.fspath(dst) == str(tmp_path / "ckpt"):
+    def fail_commit_marker(src, dst):
+        if os.fspath(dst).endswith(persistence.COMMIT_NAME):
             raise OSError("rename failed (injected)")
-        rename(src, dst)
+        replace(src, dst)
 
-    monkeypatch.setattr(os, "rename", fail_staging_rename)
+    monkeypatch.setattr(os, "replace", fail_commit_marker)
 
 
-@pytest.mark.parametrize("inject", [_fail_transformers_write, _fail_plugin_write, _fail_swap])
+@pytest.mark.parametrize("inject", [_fail_transformers_write, _fail_plugin_write, _fail_commit])
 def test_failure_mid_save_keeps_previous_checkpoint(inject, tmp_path, monkeypatch):
     target = tmp_path / "ckpt"
     model = aligned("llava")
@@ -291,10 +291,19 @@ def ckpt(saved, tmp_path):
     return tmp_path / "ckpt"
 
 
+def _rehash(path) -> None:
+    """Record the current weights' SHA-256, as if the edited file came from a save (tests of later checks)."""
+    _edit_config(
+        path,
+        lambda d: d.update(sha256={"normalign.safetensors": persistence._sha256(str(path / "normalign.safetensors"))}),
+    )
+
+
 def _edit_weights(path, edit) -> None:
     tensors = safetensors.torch.load_file(path / "normalign.safetensors")
     edit(tensors)
     safetensors.torch.save_file(tensors, path / "normalign.safetensors")
+    _rehash(path)
 
 
 def _edit_config(path, edit) -> None:
@@ -325,11 +334,12 @@ def test_unexpected_plugin_key(ckpt):
 def test_shape_mismatch_from_a_different_hidden_size(ckpt, tmp_path):
     aligned("llava", hidden_size=128).save_pretrained(tmp_path / "wide")
     shutil.copy(tmp_path / "wide" / "normalign.safetensors", ckpt / "normalign.safetensors")
+    _rehash(ckpt)
     with pytest.raises(normalign.NormAlignCheckpointError) as err:
         normalign.from_pretrained(ckpt)
     message = str(err.value)
-    assert "normalign.safetensors" in message and "different hidden size" in message
-    assert "projector_norm.0.weight: file (128,) vs model (64,)" in message
+    assert "normalign.safetensors" in message and "another size" in message
+    assert "projector_norm.0.weight" in message and "hidden size 64" in message
 
 
 @pytest.mark.parametrize(("version", "pattern"), [(99, r"format 99.*Upgrade"), ("1", "unknown format_version")])
@@ -405,6 +415,7 @@ def test_adapter_module_weights_must_fit(tmp_path):
     tensors = safetensors.torch.load_file(tmp_path / "normalign_modules.safetensors")
     tensors["model.multi_modal_projector.extra.weight"] = torch.zeros(1)
     safetensors.torch.save_file(tensors, tmp_path / "normalign_modules.safetensors")
+    _edit_config(tmp_path, lambda d: d["sha256"].pop("normalign_modules.safetensors"))  # past the integrity check
     base = tiny_model("llava")
     with pytest.raises(
         normalign.NormAlignCheckpointError, match=r"normalign_modules\.safetensors.*unexpected keys \['extra\.weight'\]"
@@ -553,7 +564,11 @@ def test_cli_patch(tmp_path, capsys):
     assert set(os.listdir(adapter)) == ADAPTER_FILES
     assert normalign.get_config(normalign.from_pretrained(adapter)).moca.layers == [1]
 
-    assert cli.main(["patch", str(tmp_path / "base"), "--out", str(tmp_path / "x")]) == 2
-    assert "exactly one of --methods and --config" in capsys.readouterr().err
-    assert cli.main(["patch", str(tmp_path / "base"), "--methods", "nope", "--out", str(tmp_path / "x")]) == 2
-    assert "Unknown method" in capsys.readouterr().err
+    for argv, phrase in [
+        ([], "one of the arguments --methods --config is required"),
+        (["--methods", "nope"], "Unknown method"),
+    ]:
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(["patch", str(tmp_path / "base"), "--out", str(tmp_path / "x"), *argv])
+        assert exit_.value.code == 2 and phrase in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -401,3 +401,37 @@ def test_help_lists_the_recipe_options(capsys):
     text = capsys.readouterr().out
     assert info.value.code == 0
     assert all(option in text for option in ("--qlora", "--skip_bad_rows", "--mir_every", "--push-to-hub REPO"))
+
+
+# --- issue 12: earlier runs, resume of another configuration, unreadable data ------------------------------------
+
+
+def test_output_dir_holding_an_earlier_run_is_refused(workspace, tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / "checkpoint-3").mkdir(parents=True)
+    assert train.main(argv(workspace, out), stage=1) == 2
+    assert "holds an earlier run (checkpoint-3)" in capsys.readouterr().err
+    assert os.listdir(out) == ["checkpoint-3"]
+    config = train.parse_args(argv(workspace, out, overwrite_output_dir="true"), stage=1)
+    assert config.recipe.overwrite_output_dir
+
+
+def test_resume_from_a_run_of_another_configuration_is_refused(workspace, tmp_path, capsys):
+    out = tmp_path / "out"
+    model = normalign.patch(AutoModelForImageTextToText.from_pretrained(workspace / "tiny" / "model"), methods="moca")
+    model.save_pretrained(out / "checkpoint-3")
+    capsys.readouterr()
+    assert train.main(argv(workspace, out, resume_from_checkpoint="true"), stage=1) == 2
+    err = capsys.readouterr().err
+    assert "was trained with" in err and "moca" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("content", "phrase"), [('{"id": 1}', "must hold a JSON list"), ("[{", "not valid JSON"), (b"\xff\xfe[", "utf-8")]
+)
+def test_unreadable_data_is_one_line_and_status_2(workspace, tmp_path, capsys, content, phrase):
+    data = tmp_path / "data.json"
+    data.write_bytes(content if isinstance(content, bytes) else content.encode())
+    assert train.main(argv(workspace, tmp_path / "out", data_path=data), stage=1) == 2
+    err = capsys.readouterr().err
+    assert phrase in err and str(data) in err and err.count("\n") == 1

@@ -29,26 +29,6 @@ from .experiment import VARIANTS, DemoConfig, DemoResult, run_demo
 __all__ = ["VARIANTS", "DemoConfig", "DemoResult", "register", "run_demo"]
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``demo`` subcommand to the ``normalign`` parser."""
-    parser = subparsers.add_parser(
-        "demo",
-        help="run the miniature alignment experiment offline",
-        description=(
-            "Stage-1 alignment of baseline, projector_norm (with and without GWC), moca, pre and all three on a "
-            "synthetic captioning task, offline on CPU. Writes report.html, results.json, diagnostics/ and "
-            "checkpoint/ to --out and prints the results table."
-        ),
-    )
-    parser.add_argument("--quick", action="store_true", help="the small run (under 3 minutes on 2 CPU cores)")
-    parser.add_argument("--out", default="normalign-demo", help="output folder (default: ./normalign-demo)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of data, models, batches (default 0)")
-    parser.add_argument("--steps", type=int, default=None, help="stage-1 steps per variant (default: the preset's)")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: fastest here)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.set_defaults(func=_main)
-
-
 def _main(args: argparse.Namespace) -> int:
     overrides = {"seed": args.seed} | ({"steps": args.steps} if args.steps is not None else {})
     config = DemoConfig.quick(**overrides) if args.quick else DemoConfig.full(**overrides)

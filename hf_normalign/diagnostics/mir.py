@@ -31,7 +31,6 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,11 +46,11 @@ from .capture import (
     resolve_layers,
     vision_token_ids,
 )
-from .frechet import SQRT_METHODS, SqrtMethod
-from .mir_math import OUTLIER_MODES, MIRResult, StreamingMIR, mir_from_features
+from .frechet import SqrtMethod
+from .mir_math import MIRResult, StreamingMIR, mir_from_features
 from .probe import Probe, load_probe
 
-__all__ = ["mir", "register"]
+__all__ = ["mir"]
 
 _LAYER_NUMBERING = "hidden_states index: 0 = LLM input, k = output of decoder layer k (1-based)"
 
@@ -217,53 +216,6 @@ class _LayerView(Sequence[torch.Tensor]):
 # ----------------------------------------------------------------------------------------------------------
 # Command line: normalign mir MODEL ...
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _parse_layers(text: str) -> list[int]:
-    """Parse a layer list: '1,2,5-8,-1' -> [1, 2, 5, 6, 7, 8, -1]."""
-    out: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        lo, sep, hi = part.partition("-") if not part.startswith("-") else ("", "", "")
-        try:
-            out += list(range(int(lo), int(hi) + 1)) if sep and lo else [int(part)]
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(f"bad layer list {text!r}: use e.g. 1,2,5-8,-1") from err
-    return out
-
-
-def register(subparsers: Any) -> None:
-    """Add ``normalign mir`` to the CLI (called by :mod:`hf_normalign.cli`)."""
-    p = subparsers.add_parser(
-        "mir",
-        help="Modality Integration Rate of a model",
-        description="MIR of a VLM (local path or Hub id): per-layer FID table, the MIR, optional JSON.",
-    )
-    p.add_argument("model", help="model directory or Hub repo id (loaded with AutoModelForImageTextToText)")
-    p.add_argument("--images", help="image folder of your probe set (with --texts); default: built-in probe")
-    p.add_argument("--texts", help="text file (one passage per line), .jsonl, or folder of .txt files")
-    p.add_argument("--num-samples", type=int, default=100, help="image-text pairs to use (default 100)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the probe subset and the built-in images")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--layers", type=_parse_layers, help="layers, e.g. 1-8,-1 (default: all decoder layers)")
-    p.add_argument("--include-embeddings", action="store_true", help="also use layer 0, the LLM input")
-    p.add_argument("--outliers", choices=OUTLIER_MODES, default="replace_median")
-    p.add_argument("--sqrt", choices=SQRT_METHODS, default="exact")
-    p.add_argument("--log-base", type=float, default=10.0)
-    p.add_argument("--no-final-norm", action="store_true", help="last layer before the final norm")
-    p.add_argument(
-        "--streaming",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="bounded-memory mode (drop/none outliers; default on for those)",
-    )
-    p.add_argument("--prompt", help="prompt with {text} and the image placeholder (default: chat template)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 or auto (device map); default: cuda if available")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
-    p.add_argument("--load-in-4bit", action="store_true", help="quantise with bitsandbytes (nf4)")
-    p.add_argument("--json", type=Path, help="write the result as JSON here")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_main)
 
 
 def _main(args: argparse.Namespace) -> int:

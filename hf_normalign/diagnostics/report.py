@@ -46,7 +46,7 @@ from .degradation import DegradationResult, visual_degradation
 from .keyspace import KeySpaceResult, key_space_gap
 from .profile import ModalityProfile, json_float, modality_profile
 
-__all__ = ["METRICS", "Report", "build_report", "register"]
+__all__ = ["METRICS", "Report", "build_report"]
 
 METRICS: tuple[str, ...] = ("profile", "mir", "key_space", "degradation")
 
@@ -468,41 +468,6 @@ def _names(paths: Sequence[str]) -> list[str]:
     """Short, unique display names: the last path component, numbered when two agree."""
     base = [Path(p.rstrip("/\\")).name or p for p in paths]
     return [f"{b} ({i + 1})" if base.count(b) > 1 else b for i, b in enumerate(base)]
-
-
-def register(subparsers: Any) -> None:
-    """Add ``normalign report`` to the CLI (called by :mod:`hf_normalign.cli`)."""
-    from .mir import _parse_layers
-
-    p = subparsers.add_parser(
-        "report",
-        help="HTML report of the modality-gap diagnostics",
-        description="Norm / update-rate profiles, MIR, key-space gap and visual degradation of MODEL "
-        "(and of each --compare model, overlaid) as report.html + PNG plots + report.json in --out.",
-    )
-    p.add_argument("model", help="model directory or Hub repo id (aligned checkpoints load patched)")
-    p.add_argument(
-        "--compare",
-        action="append",
-        default=[],
-        metavar="MODEL2",
-        help="another model to overlay, e.g. the aligned one next to its baseline (repeatable)",
-    )
-    p.add_argument("--out", required=True, type=Path, help="output folder")
-    p.add_argument("--metrics", default=",".join(METRICS), help=f"comma-separated subset of {','.join(METRICS)}")
-    p.add_argument("--images", help="image folder of your probe set (with --texts); default: built-in probe")
-    p.add_argument("--texts", help="text file (one passage per line), .jsonl, or folder of .txt files")
-    p.add_argument("--num-samples", type=int, default=100, help="probe pairs (default 100)")
-    p.add_argument("--degradation-samples", type=int, default=60, help="labelled shapes images (default 60)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--key-layers", type=_parse_layers, help="decoder layers of the key-space gap, e.g. 1-8,-1")
-    p.add_argument("--max-key-samples", type=int, default=2000, help="keys per modality and layer (default 2000)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--title", default="hf-normalign diagnostics")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 or auto (device map); default: cuda if available")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_main)
 
 
 def _load(source: str, device: str, dtype: str) -> tuple[Any, Any]:
