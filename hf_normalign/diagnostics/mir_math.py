@@ -391,9 +391,10 @@ class StreamingMIR:
     ``outliers="none"`` needs one pass over the data. ``outliers="drop"`` needs two: the median and
     std of token norms over ALL tokens cannot be known in one pass, so the first pass keeps only the
     per-token norms (one float64 per token and layer, on the CPU) and the second accumulates moments
-    of the rows that pass the test (statistics per ``outlier_stats``). The caller runs its feature capture twice over the same data
-    (any order, any batching). ``"replace_median"`` needs the per-dimension median of all rows,
-    which no bounded-memory pass gives: use :func:`mir_from_features` for it. Results equal
+    of the rows that pass the test (statistics per ``outlier_stats``). The caller runs its feature
+    capture twice over the same data (any order, any batching). ``"replace_median"`` and ``"iqr"``
+    need the per-dimension median of all rows, which no bounded-memory pass gives: use
+    :func:`mir_from_features` for them. Results equal
     :func:`mir_from_features` with the same mode to rounding (~1e-12 relative).
 
     Moments live on ``device`` (default: the device of the first batch): 2 * d^2 float64 per layer,
