@@ -29,7 +29,10 @@ from typing import Any, NoReturn
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Mirrors of hf_normalign.diagnostics' constants (importing them would import torch); a test keeps them equal.
-OUTLIER_MODES = ("replace_median", "drop", "none")
+OUTLIER_MODES = ("replace_median", "iqr", "drop", "none")
+OUTLIER_STATS = ("torch", "numpy")
+TEXT_TOKENS = ("passage", "after_image")
+MIR_PRESETS = ("reference",)
 SQRT_METHODS = ("exact", "newton_schulz", "reference_fast")
 REPORT_METRICS = ("profile", "mir", "key_space", "degradation")
 # Optional packages -> the extra that installs them.
@@ -189,7 +192,15 @@ def _mir_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the probe subset and the built-in images")
     p.add_argument("--layers", type=layer_list, help="layers, e.g. 1-8,-1 (default: all decoder layers)")
     p.add_argument("--include-embeddings", action="store_true", help="also use layer 0, the LLM input")
+    p.add_argument(
+        "--preset",
+        choices=MIR_PRESETS,
+        help="reference: the official script's recipe (vicuna_v1 prompt, text after the image, torch statistics)",
+    )
     p.add_argument("--outliers", choices=OUTLIER_MODES, default="replace_median")
+    p.add_argument("--outlier-stats", choices=OUTLIER_STATS, default="torch", help="torch (reference) or numpy")
+    p.add_argument("--text-tokens", choices=TEXT_TOKENS, help="passage (default) or after_image")
+    p.add_argument("--no-text-scale", action="store_true", help="skip the text-centric scale (ablation)")
     p.add_argument("--sqrt", choices=SQRT_METHODS, default="exact")
     p.add_argument("--log-base", type=float, default=10.0)
     p.add_argument("--no-final-norm", action="store_true", help="last layer before the final norm")

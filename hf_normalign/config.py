@@ -142,7 +142,12 @@ class PReConfig:
     """PRe: an auxiliary loss making decoder layer ``layer`` predict the LLM-input vision embeddings.
 
     Args:
-        layer: decoder layer whose output feeds the head; ``None`` means ``num_layers // 2``.
+        layer: 0-based index of the decoder layer whose output feeds the head: module
+            ``layers[layer]``, whose output is ``hidden_states[layer + 1]``, i.e. what the diagnostics
+            (1-based, numbered like ``hidden_states``) call layer ``layer + 1``. ``None`` means
+            ``num_layers // 2``. For the paper's wording ("layer 16 of 32", counted from 1 like the
+            diagnostics) use :meth:`from_paper_layer`: ``PReConfig.from_paper_layer(16)`` gives
+            ``layer=15``, the output of the 16th decoder layer.
         weight: lambda in ``loss = LM + lambda * PRe``.
         head_hidden_size: hidden width of the 2-layer head; ``None`` means the LLM hidden size.
         anchor: ``"llm_input"`` (the vision embeddings as they enter the LLM, after the projector
@@ -150,6 +155,7 @@ class PReConfig:
     """
 
     ANCHORS: ClassVar[tuple[str, ...]] = ("llm_input", "encoder_output")
+    LAYER_NUMBERING: ClassVar[str] = "0-based decoder-layer index; its output is hidden_states[layer + 1]"
 
     layer: int | None = None
     weight: float = 0.5
@@ -166,12 +172,25 @@ class PReConfig:
         if self.anchor not in self.ANCHORS:
             raise ValueError(f"{owner}.anchor must be one of {self.ANCHORS}, got {self.anchor!r}.")
 
+    @classmethod
+    def from_paper_layer(cls, paper_layer: int, **kwargs: Any) -> PReConfig:
+        """Config for the paper's 1-based layer number (16 of 32 for Vicuna-7B): ``layer = paper_layer - 1``.
+
+        Example:
+            >>> PReConfig.from_paper_layer(16).layer
+            15
+        """
+        if paper_layer < 1:
+            raise ValueError(f"paper layers are counted from 1, got {paper_layer}")
+        return cls(layer=paper_layer - 1, **kwargs)
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        # The saved config says how ``layer`` is counted; from_dict drops the note.
+        return dataclasses.asdict(self) | {"layer_numbering": self.LAYER_NUMBERING}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PReConfig:
-        return _from_dict(cls, data)
+        return _from_dict(cls, {k: v for k, v in data.items() if k != "layer_numbering"})
 
 
 _METHOD_CONFIGS: dict[str, type] = {

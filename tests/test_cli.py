@@ -27,9 +27,15 @@ def test_help_imports_nothing_heavy_and_warns_nothing(argv):
 
 
 def test_mirrored_choices_match_the_library():
+    import importlib
+
     from hf_normalign.diagnostics import frechet, mir_math, report
 
-    assert cli.OUTLIER_MODES == mir_math.OUTLIER_MODES
+    capture = importlib.import_module("hf_normalign.diagnostics.capture")  # the package's `capture`/`mir` are functions
+    mir = importlib.import_module("hf_normalign.diagnostics.mir")
+
+    assert cli.OUTLIER_MODES == mir_math.OUTLIER_MODES and cli.OUTLIER_STATS == mir_math.OUTLIER_STATS
+    assert cli.TEXT_TOKENS == capture.TEXT_TOKENS and cli.MIR_PRESETS == mir.PRESETS
     assert cli.SQRT_METHODS == frechet.SQRT_METHODS
     assert cli.REPORT_METRICS == report.METRICS
 

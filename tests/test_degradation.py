@@ -21,6 +21,7 @@ from hf_normalign.diagnostics.degradation import (
     degradation_from_features,
     linear_probe_accuracy,
     mean_abs_offdiag_correlation,
+    mean_offdiag_correlation,
     participation_ratio,
     patch_labels_for_grid,
     shapes_probe,
@@ -46,8 +47,12 @@ def test_offdiag_correlation_equals_numpy_corrcoef(axis):
     x = rng.normal(size=(30, 12))
     x[:, 3] = 2 * x[:, 1] + 0.1 * rng.normal(size=30)
     r = np.corrcoef(x, rowvar=axis == "samples")
-    expected = np.abs(r[~np.eye(len(r), dtype=bool)]).mean()
-    assert mean_abs_offdiag_correlation(x, axis=axis, chunk=5) == pytest.approx(expected, rel=1e-10)
+    x[:, 5] = -3 * x[:, 2] + 0.1 * rng.normal(size=30)  # a strong negative correlation: signed and |r| differ
+    r = np.corrcoef(x, rowvar=axis == "samples")
+    off = r[~np.eye(len(r), dtype=bool)]
+    assert mean_abs_offdiag_correlation(x, axis=axis, chunk=5) == pytest.approx(np.abs(off).mean(), rel=1e-10)
+    assert mean_offdiag_correlation(x, axis=axis, chunk=5) == pytest.approx(off.mean(), rel=1e-10)
+    assert abs(off.mean() - np.abs(off).mean()) > 0.01
     x[:, 7] = 4.0  # a constant feature has no correlation: left out
     if axis == "features":
         keep = [i for i in range(12) if i != 7]
@@ -70,7 +75,8 @@ def test_contrast_ratio_equals_pair_loop():
     s = contrast_ratio(x, labels, groups=groups)
     assert s.cohesion == pytest.approx(np.mean(same), rel=1e-12)
     assert s.coupling == pytest.approx(np.mean(diff), rel=1e-12)
-    assert s.ratio == pytest.approx((1 + np.mean(same)) / (1 + np.mean(diff)), rel=1e-12)
+    assert s.ratio == pytest.approx(np.mean(same) / np.mean(diff), rel=1e-12)  # the paper's ratio
+    assert s.ratio_shifted == pytest.approx((1 + np.mean(same)) / (1 + np.mean(diff)), rel=1e-12)
     assert (s.same_pairs, s.different_pairs) == (len(same), len(diff))
 
 
@@ -80,13 +86,33 @@ def test_contrast_ratio_planted_objects_and_random_labels():
     labels = np.repeat(np.arange(4), 10)
     x = centers[labels] + rng.normal(size=(40, 16))
     planted = contrast_ratio(x, labels)
-    assert planted.cohesion > 0.8 and planted.ratio > 1.5
+    assert planted.cohesion > 0.8 and planted.ratio_shifted > 1.5
     shuffled = contrast_ratio(x, rng.permutation(labels))
-    assert shuffled.ratio == pytest.approx(1.0, abs=0.1)
+    assert shuffled.ratio_shifted == pytest.approx(1.0, abs=0.1)
     anti = contrast_ratio(np.array([[1.0, 0], [1, 0.01], [-1, 0], [-1, 0.01]]), [0, 0, 1, 1])
-    assert anti.coupling < -0.99 and anti.ratio > 100  # negative coupling: still defined, large
+    assert anti.coupling < -0.99 and anti.ratio_shifted > 100  # negative coupling: still defined, large
+    assert anti.ratio < 0  # the paper's ratio changes sign there
     with pytest.raises(ValueError, match="same-object"):
         contrast_ratio(x[:3], [0, 1, 2])
+
+
+def test_paper_ratio_and_shifted_ratio_can_move_apart():
+    # The example: cohesion / coupling 0.5 / 0.2 -> 0.9 / 0.5. Unit vectors built so that the two
+    # same-object pairs have cosine c and the cross-object pairs cosine p (by hand: 2-D angles).
+    def stats(c: float, p: float):
+        a = np.arccos(c)
+        # tokens 0,1 of object 0 at angles 0, a; tokens 2,3 of object 1 at angles t, t + a
+        # choose t so that the mean cross cosine is p: mean of cos(t), cos(t+a), cos(t-a), cos(t) = p
+        t = np.arccos(p / ((2 + 2 * np.cos(a)) / 4))
+        ang = np.array([0, a, t, t + a])
+        x = np.stack([np.cos(ang), np.sin(ang)], 1)
+        return contrast_ratio(x, [0, 0, 1, 1])
+
+    before, after = stats(0.5, 0.2), stats(0.9, 0.5)
+    assert (before.cohesion, before.coupling) == pytest.approx((0.5, 0.2), abs=1e-9)
+    assert (after.cohesion, after.coupling) == pytest.approx((0.9, 0.5), abs=1e-9)
+    assert before.ratio == pytest.approx(0.5 / 0.2) and after.ratio == pytest.approx(0.9 / 0.5)
+    assert after.ratio < before.ratio and after.ratio_shifted > before.ratio_shifted
 
 
 def test_linear_probe_planted_and_shuffled():
@@ -206,6 +232,8 @@ def test_visual_degradation_equals_output_hidden_states():
         assert res.effective_dim[layer] == pytest.approx(lam.sum() ** 2 / (lam**2).sum(), rel=1e-4)
         r = np.corrcoef(x, rowvar=False)
         assert res.offdiag_corr[layer] == pytest.approx(np.abs(r[~np.eye(len(r), dtype=bool)]).mean(), rel=1e-4)
+        assert res.offdiag_corr_signed[layer] == pytest.approx(r[~np.eye(len(r), dtype=bool)].mean(), rel=1e-4)
+        assert res.contrast_ratio[layer] == pytest.approx(np.mean(cos_same[layer]) / np.mean(cos_diff[layer]), rel=1e-4)
         assert res.cohesion[layer] == pytest.approx(np.mean(cos_same[layer]), rel=1e-4)
         assert res.coupling[layer] == pytest.approx(np.mean(cos_diff[layer]), rel=1e-4)
         assert res.probe_accuracy[layer] == pytest.approx(linear_probe_accuracy(x, lp.image_labels, folds=3), abs=1e-9)

@@ -227,3 +227,29 @@ def test_result_round_trips_through_json():
     r = key_space_from_features([torch.randn(20, 3)], [torch.randn(20, 3)], bins=4)
     back = KeySpaceResult.from_dict(r.to_dict())
     assert back.mmd2 == r.mmd2 and back.scatter == r.scatter and back.settings == r.settings
+
+
+def test_mmd_and_both_mmd2_estimators_by_hand():
+    # Every MMD number of a layer, by hand in float64 with an explicit double loop over the pairs.
+    rng = np.random.default_rng(21)
+    v, t = rng.normal(size=(12, 3)) + 0.7, rng.normal(size=(9, 3))
+    h = 1.7
+
+    def k(a, b):
+        return math.exp(-np.sum((a - b) ** 2) / (2 * h * h))
+
+    kvv = [[k(a, b) for b in v] for a in v]
+    ktt = [[k(a, b) for b in t] for a in t]
+    kvt = sum(k(a, b) for a in v for b in t) / (len(v) * len(t))
+    n, m = len(v), len(t)
+    off_v = sum(kvv[i][j] for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    off_t = sum(ktt[i][j] for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    unbiased = off_v + off_t - 2 * kvt
+    biased = sum(map(sum, kvv)) / n**2 + sum(map(sum, ktt)) / m**2 - 2 * kvt
+    r = key_space_from_features([torch.tensor(v)], [torch.tensor(t)], bandwidth=h, bins=2, max_samples=None)
+    assert r.mmd2_unbiased[0] == pytest.approx(unbiased, rel=1e-12)
+    assert r.mmd2_biased[0] == pytest.approx(biased, rel=1e-12)
+    assert r.mmd[0] == pytest.approx(math.sqrt(biased), rel=1e-12)
+    assert r.mmd2[0] == r.mmd2_unbiased[0]
+    assert key_space_from_features([v], [t], bandwidth=h, bins=2, unbiased=False).mmd2[0] == pytest.approx(biased)
+    assert abs(unbiased - biased) > 1e-3

@@ -8,7 +8,9 @@ import json
 import math
 import socket
 
+import numpy as np
 import pytest
+import scipy.linalg
 import torch
 from helpers import vision_mask
 from PIL import Image
@@ -326,3 +328,89 @@ def test_4bit_model(tmp_path):
     )
     result = mir(quantised, proc, num_samples=4, outliers="none", progress=False)
     assert math.isfinite(result.mir) and result.settings["model_dtype"] == "bfloat16"
+
+
+# --- reference preset and text-token choice ----------------------------------------------------------
+
+# The reference script's vicuna_v1 conversation, written out by hand (system, USER turn with the image,
+# ASSISTANT turn with the passage, closed by "</s>").
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+
+
+def _lower_median(x, axis=0):
+    return np.take(np.sort(x, axis=axis), (x.shape[axis] - 1) // 2, axis=axis)
+
+
+def _reference_layer_fid(v: np.ndarray, t: np.ndarray) -> float:
+    """The reference's per-layer steps by hand in float64: scale, torch-rule 3-sigma replace, FID via sqrtm."""
+    alpha = 1 / np.linalg.norm(t, axis=1).mean()
+    v, t = v * alpha, t * alpha
+    for x in (v, t):
+        norms = np.linalg.norm(x, axis=1)
+        out = np.abs(norms - _lower_median(norms)) > 3 * np.std(norms, ddof=1)
+        x[out] = _lower_median(x)
+    sv, st = np.cov(v, rowvar=False), np.cov(t, rowvar=False)
+    diff = v.mean(0) - t.mean(0)
+    return float(diff @ diff + np.trace(sv) + np.trace(st) - 2 * np.trace(scipy.linalg.sqrtm(sv @ st).real))
+
+
+def test_reference_preset_equals_all_tokens_after_the_image_by_hand():
+    model, proc = tiny_model("llava", num_hidden_layers=3), tiny_processor("llava")
+    probe = default_probe(N)
+    k = 3
+    vision, text = [[] for _ in range(k)], [[] for _ in range(k)]
+    for sample in probe:
+        prompt = f"{VICUNA_SYSTEM} USER: <image>\n ASSISTANT: {sample.text}</s>"
+        inputs = proc(text=[prompt], images=[sample.load_image()], return_tensors="pt")
+        ids = inputs["input_ids"][0]
+        image_pos = (ids == model.config.image_token_id).nonzero().squeeze(1)
+        after = torch.arange(len(ids)) > image_pos.max()  # every token after the image block
+        assert ids[-1] == proc.tokenizer.eos_token_id and int(after.sum()) > len(proc.tokenizer(sample.text).input_ids)
+        with torch.no_grad():
+            hidden = model(**inputs, output_hidden_states=True, use_cache=False).hidden_states
+        for layer in range(1, k + 1):
+            vision[layer - 1].append(hidden[layer][0][image_pos].double().numpy())
+            text[layer - 1].append(hidden[layer][0][after].double().numpy())
+    expected = [_reference_layer_fid(np.concatenate(v), np.concatenate(t)) for v, t in zip(vision, text, strict=True)]
+
+    result = mir(model, proc, probe, num_samples=None, preset="reference", progress=False)
+    assert result.per_layer == pytest.approx(expected, rel=1e-6)
+    assert result.mir == pytest.approx(math.log10(sum(expected)), rel=1e-6)
+    assert result.num_text_tokens == [sum(len(t) for t in text[0])] * k
+    assert result.settings["text_tokens"] == "after_image" and result.settings["preset"] == "reference"
+    # The same features with the passage only give another number (the issue's 0.539 vs 0.430 effect).
+    passage = mir(model, proc, probe, num_samples=None, prompt=result.settings["prompt"], progress=False)
+    assert passage.num_text_tokens[0] < result.num_text_tokens[0]
+
+
+def test_text_tokens_after_image_without_preset_and_preset_clashes(llava):
+    model, proc = llava
+    probe = default_probe(4)
+    after = mir(model, proc, probe, num_samples=None, text_tokens="after_image", progress=False)
+    passage = mir(model, proc, probe, num_samples=None, progress=False)
+    assert after.num_text_tokens[0] > passage.num_text_tokens[0]
+    with pytest.raises(ValueError, match="outliers='drop'"):
+        mir(model, proc, probe, preset="reference", outliers="drop", progress=False)
+    with pytest.raises(ValueError, match="prompt"):
+        mir(model, proc, probe, preset="reference", prompt="<image>{text}", progress=False)
+    with pytest.raises(ValueError, match="unknown preset"):
+        mir(model, proc, probe, preset="paper", progress=False)
+    with pytest.raises(ValueError, match="text_tokens must be one of"):
+        mir(model, proc, probe, text_tokens="all", progress=False)
+
+
+def test_cli_reference_preset(tmp_path, capsys):
+    model, proc = tiny_model("llava", num_hidden_layers=2), tiny_processor("llava")
+    model.save_pretrained(tmp_path / "m")
+    proc.save_pretrained(tmp_path / "m")
+    out = tmp_path / "mir.json"
+    code = main(["mir", str(tmp_path / "m"), "--preset", "reference", "--num-samples", "4", "--json", str(out),
+                 "--device", "cpu", "--no-progress"])  # fmt: skip
+    assert code == 0
+    data = json.loads(out.read_text())
+    expected = mir(model, proc, num_samples=4, preset="reference", progress=False)
+    assert data["settings"]["preset"] == "reference"
+    assert data["per_layer"] == pytest.approx(expected.per_layer, rel=1e-6)

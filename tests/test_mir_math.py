@@ -24,25 +24,38 @@ def ref_fid(v: np.ndarray, t: np.ndarray) -> float:
     return float(diff @ diff + np.trace(sv) + np.trace(st) - 2 * np.trace(scipy.linalg.sqrtm(sv @ st).real))
 
 
-def ref_outliers(x: np.ndarray, mode: str) -> np.ndarray:
+def lower_median(x: np.ndarray, axis: int = 0) -> np.ndarray:
+    """torch.median's convention, by hand: the lower of the two middle values for an even count."""
+    return np.take(np.sort(x, axis=axis), (x.shape[axis] - 1) // 2, axis=axis)
+
+
+def ref_outliers(x: np.ndarray, mode: str, stats: str = "torch") -> np.ndarray:
+    """The reference's rules; stats="torch": lower median and std ddof 1 (torch), "numpy": np.median, ddof 0."""
     norms = np.linalg.norm(x, axis=1)
-    out = np.abs(norms - np.median(norms)) > 3 * np.std(norms)
-    if mode == "replace_median":
+    median = lower_median if stats == "torch" else np.median
+    if mode == "iqr":
+        q1, q3 = np.percentile(norms, [25, 75])
+        out = (norms < q1 - 1.5 * (q3 - q1)) | (norms > q3 + 1.5 * (q3 - q1))
+    else:
+        out = np.abs(norms - median(norms)) > 3 * np.std(norms, ddof=1 if stats == "torch" else 0)
+    if mode in ("replace_median", "iqr"):
         x = x.copy()
-        x[out] = np.median(x, axis=0)
+        x[out] = median(x, axis=0)
     elif mode == "drop":
         x = x[~out]
     return x
 
 
-def ref_mir(vision: list[np.ndarray], text: list[np.ndarray], mode: str, scale_first: bool = True):
+def ref_mir(
+    vision: list[np.ndarray], text: list[np.ndarray], mode: str, scale_first: bool = True, stats: str = "torch"
+):
     fids = []
     for v, t in zip(vision, text, strict=True):
         if scale_first:
             alpha = 1 / np.linalg.norm(t, axis=1).mean()
-            v, t = ref_outliers(v * alpha, mode), ref_outliers(t * alpha, mode)
+            v, t = ref_outliers(v * alpha, mode, stats), ref_outliers(t * alpha, mode, stats)
         else:  # the wrong order, to show the tests can tell
-            v, t = ref_outliers(v, mode), ref_outliers(t, mode)
+            v, t = ref_outliers(v, mode, stats), ref_outliers(t, mode, stats)
             alpha = 1 / np.linalg.norm(t, axis=1).mean()
             v, t = v * alpha, t * alpha
         fids.append(ref_fid(v, t))
@@ -69,13 +82,15 @@ def features(seed: int, layers: int = 3, d: int = 16, n_vis: int = 300, n_txt: i
 # --- mir_from_features -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["replace_median", "drop", "none"])
+@pytest.mark.parametrize("mode", ["replace_median", "iqr", "drop", "none"])
 def test_matches_reference_algorithm(mode: str) -> None:
     vision, text = features(0)
     expected_mir, expected = ref_mir(vision, text, mode)
     res = mir_from_features(vision, text, outliers=mode)
     np.testing.assert_allclose(res.per_layer, expected, rtol=1e-6)
     assert res.mir == pytest.approx(expected_mir, rel=1e-6)
+    if mode == "iqr":  # the quartile rule also flags some of the normal rows; counted in test_iqr_rule_*
+        return
     planted = 0 if mode == "none" else NUM_PLANTED
     assert res.num_vision_outliers == [planted] * 3
     assert res.num_text_outliers == [planted] * 3
@@ -106,22 +121,76 @@ def test_text_scale_is_computed_before_outlier_handling(mode: str) -> None:
     np.testing.assert_allclose(res.per_layer, scale_first, rtol=1e-6)
 
 
-def test_outlier_std_is_population_std() -> None:
-    # One vision row whose deviation lies between 3 * std(ddof=0) and 3 * std(ddof=1).
-    rng = np.random.default_rng(3)
+def _crafted_norms() -> np.ndarray:
+    """20 norms (even count: the two medians differ) with one row flagged by numpy's rule only."""
     base = np.linspace(1.0, 2.0, 19)
     for c in np.linspace(2.0, 20.0, 2001):
         norms = np.r_[base, c]
-        dev = abs(c - np.median(norms))
-        if 3 * np.std(norms) < dev <= 3 * np.std(norms, ddof=1):
-            break
-    else:
-        pytest.fail("no discriminating norm found")
+        if 3 * np.std(norms) < abs(c - np.median(norms)) <= 3 * np.std(norms, ddof=1):
+            return norms
+    pytest.fail("no discriminating norm found")
+
+
+@pytest.mark.parametrize("mode", ["replace_median", "drop"])
+def test_outlier_statistics_torch_by_default_numpy_as_option(mode: str) -> None:
+    # Features that differ only in how the statistics are taken: the default must follow torch
+    # (std ddof 1, lower median), outlier_stats="numpy" must follow numpy (ddof 0, mean of middles).
+    rng = np.random.default_rng(3)
+    norms = _crafted_norms()
     directions = rng.normal(size=(20, 8))
-    vision = directions / np.linalg.norm(directions, axis=1, keepdims=True) * norms[:, None]
-    res = mir_from_features([vision], [rng.normal(size=(30, 8))], outliers="drop")
-    assert res.num_vision_outliers == [1]
-    assert res.num_vision_tokens == [19]
+    vision = [directions / np.linalg.norm(directions, axis=1, keepdims=True) * norms[:, None]]
+    text = [rng.normal(size=(30, 8)) + 0.3]
+    _, torch_ref = ref_mir(vision, text, mode, stats="torch")
+    _, numpy_ref = ref_mir(vision, text, mode, stats="numpy")
+    assert not np.allclose(torch_ref, numpy_ref, rtol=1e-3)
+    default = mir_from_features(vision, text, outliers=mode)
+    numpy_opt = mir_from_features(vision, text, outliers=mode, outlier_stats="numpy")
+    np.testing.assert_allclose(default.per_layer, torch_ref, rtol=1e-9)
+    np.testing.assert_allclose(numpy_opt.per_layer, numpy_ref, rtol=1e-9)
+    assert default.num_vision_outliers == [0] and numpy_opt.num_vision_outliers == [1]
+    assert default.settings["outlier_stats"] == "torch"
+
+
+def test_replacement_value_is_the_lower_median() -> None:
+    # No threshold question here: one far row is flagged under both rules, and only the replacement
+    # value (the per-dimension median of an even number of rows) tells torch from numpy.
+    rng = np.random.default_rng(11)
+    vision = rng.normal(size=(40, 6)) + 1.0
+    vision[0] *= 100
+    text = rng.normal(size=(30, 6))
+    torch_res = mir_from_features([vision], [text])
+    numpy_res = mir_from_features([vision], [text], outlier_stats="numpy")
+    _, torch_ref = ref_mir([vision], [text], "replace_median", stats="torch")
+    _, numpy_ref = ref_mir([vision], [text], "replace_median", stats="numpy")
+    assert torch_res.per_layer == pytest.approx(torch_ref, rel=1e-9)
+    assert numpy_res.per_layer == pytest.approx(numpy_ref, rel=1e-9)
+    assert torch_ref != pytest.approx(numpy_ref, rel=1e-6)
+
+
+def test_iqr_rule_flags_by_quartiles() -> None:
+    # Norms 1..20 plus two at 40; quartiles by hand with np.percentile (linear interpolation).
+    norms = np.r_[np.arange(1.0, 21.0), 40.0, 40.0]
+    q1, q3 = np.percentile(norms, [25, 75])
+    expected = int(((norms < q1 - 1.5 * (q3 - q1)) | (norms > q3 + 1.5 * (q3 - q1))).sum())
+    assert expected == 2
+    rng = np.random.default_rng(5)
+    d = rng.normal(size=(len(norms), 4))
+    vision = d / np.linalg.norm(d, axis=1, keepdims=True) * norms[:, None]
+    res = mir_from_features([vision], [rng.normal(size=(30, 4))], outliers="iqr")
+    assert res.num_vision_outliers == [expected]
+    assert res.settings["outlier_threshold"] == 1.5
+    sigma = mir_from_features([vision], [rng.normal(size=(30, 4))])
+    assert sigma.num_vision_outliers == [0]  # 40 is within median + 3 std: only the IQR rule flags it
+
+
+def test_text_scale_switch() -> None:
+    vision, text = features(8, layers=2)
+    off = mir_from_features(vision, text, outliers="none", text_scale=False)
+    expected = [ref_fid(v, t) for v, t in zip(vision, text, strict=True)]
+    np.testing.assert_allclose(off.per_layer, expected, rtol=1e-9)
+    assert off.text_scale == [1.0, 1.0]
+    on = mir_from_features(vision, text, outliers="none")
+    assert not np.allclose(on.per_layer, off.per_layer, rtol=1e-2)
 
 
 @pytest.mark.filterwarnings("ignore:sum of per-layer FIDs is negative")
@@ -172,7 +241,9 @@ LAYERS_4_7 = {"layer_indices": [4, 7]}
         (LAYERS_4_7, [np.eye(4), np.full((4, 4), np.inf)], [np.eye(4)] * 2, r"layer 7: .*non-finite"),
         ({}, [np.eye(4)], [np.ones((5, 3))], "layer 0: vision dim 4 != text dim 3"),
         ({}, [np.eye(4)], [np.zeros((5, 4))], "layer 0: .*zero mean norm"),
-        ({"outliers": "remove"}, [np.eye(4)], [np.eye(4)], "replace_median, drop, none"),
+        ({"outliers": "remove"}, [np.eye(4)], [np.eye(4)], "replace_median, iqr, drop, none"),
+        ({"outlier_stats": "scipy"}, [np.eye(4)], [np.eye(4)], "torch, numpy"),
+        ({"outlier_threshold": -1}, [np.eye(4)], [np.eye(4)], "outlier_threshold"),
         ({"sqrt": "sqrtm"}, [np.eye(4)], [np.eye(4)], "exact, newton_schulz, reference_fast"),
         ({"log_base": 1}, [np.eye(4)], [np.eye(4)], "log_base"),
         ({"layer_indices": [1, 2]}, [np.eye(4)], [np.eye(4)], "layer_indices has 2 entries"),

@@ -250,3 +250,15 @@ def test_trainer_gradient_accumulation_matches_large_batch(family, fp16, tmp_pat
     for name, update in large.items():
         torch.testing.assert_close(accumulated[name], update, rtol=1e-4, atol=1e-7, msg=name)
     assert large["normalign.pre_head.fc1.weight"].abs().sum() > 0
+
+
+def test_pre_layer_numbering_paper_helper_and_saved_note():
+    # The paper's "layer 16 of 32" counts from 1: the 16th decoder layer is module index 15, whose
+    # output transformers reports as hidden_states[16] (what the diagnostics call layer 16).
+    cfg = normalign.PReConfig.from_paper_layer(16, weight=0.25)
+    assert (cfg.layer, cfg.weight) == (15, 0.25)
+    saved = cfg.to_dict()
+    assert "hidden_states[layer + 1]" in saved["layer_numbering"]
+    assert normalign.PReConfig.from_dict(saved) == cfg
+    with pytest.raises(ValueError, match="counted from 1"):
+        normalign.PReConfig.from_paper_layer(0)

@@ -20,10 +20,13 @@ Positions:
 
 - vision: tokens whose id is an image/video placeholder id of the config
   (``ArchitectureSpec.vision_token_ids``); after the model's vision features are scattered there;
-- text: the tokens of the probe passage only. The prompt is built as
+- text, ``text_tokens="passage"`` (default): the tokens of the probe passage only. The prompt is built as
   ``[processor(prefix with the image)] + [tokenizer(passage)] + [tokenizer(suffix)]`` where prefix and
   suffix come from the chat template (or ``prompt``) around the passage, so the passage positions are
-  exact by construction; chat-template and system tokens belong to neither set.
+  exact by construction; chat-template and system tokens belong to neither set;
+- text, ``text_tokens="after_image"``: every token after the last vision token of the sample, template
+  tokens and end-of-sequence included (padding excluded), which is what the MIR reference script
+  counts as text (it takes the rows after its 576 image positions).
 
 Batches are padded on the right by default (``padding_side``); padding never changes the captured
 values beyond rounding (tested for left and right). Hooks record only the selected rows, and the
@@ -58,6 +61,7 @@ from ..registry import get_spec
 from .probe import DEFAULT_PROBE_SIZE, Probe, ProbeSample, default_probe, sample_indices
 
 __all__ = [
+    "TEXT_TOKENS",
     "CaptureBatch",
     "EncodedSample",
     "capture",
@@ -67,8 +71,11 @@ __all__ = [
     "num_layers",
     "prepare_probe",
     "resolve_layers",
+    "select_text_tokens",
     "vision_token_ids",
 ]
+
+TEXT_TOKENS: tuple[str, ...] = ("passage", "after_image")
 
 # Stands in for the passage while the chat template is rendered; split on afterwards.
 _SENTINEL = "NORMALIGNPASSAGESENTINEL"
@@ -129,7 +136,7 @@ class CaptureBatch:
         vision / text: layer -> [rows, hidden] features at vision / passage positions.
         vision_sample / text_sample: [rows] index of each row's sample in the encoded probe.
         vision_patch: [rows] index of the vision token within its sample (order of appearance).
-        text_token: [rows] index of the token within its passage.
+        text_token: [rows] index of the token among its sample's text tokens (``text_tokens``).
         sample_indices: probe indices of the samples in this batch.
         vision_keys / text_keys: layer -> [rows, kv_dim] ``k_proj`` outputs, when asked for.
 
@@ -347,6 +354,34 @@ def check_samples(samples: Sequence[EncodedSample], vision_ids: Sequence[int]) -
             )
 
 
+def select_text_tokens(
+    samples: Sequence[EncodedSample], vision_ids: Sequence[int], text_tokens: str = "passage"
+) -> list[EncodedSample]:
+    """Samples whose ``text_mask`` marks the text tokens chosen by ``text_tokens``.
+
+    ``"passage"`` keeps the masks as they are; ``"after_image"`` marks every token after the last
+    vision token of each sample (call :func:`check_samples` first: a sample needs a vision token).
+
+    Example:
+        >>> import torch
+        >>> s = EncodedSample({"input_ids": torch.tensor([[1, 9, 250, 250, 7, 8, 2]])}, torch.zeros(7).bool())
+        >>> select_text_tokens([s], [250], "after_image")[0].text_mask.long().tolist()
+        [0, 0, 0, 0, 1, 1, 1]
+    """
+    if text_tokens not in TEXT_TOKENS:
+        raise ValueError(f"text_tokens must be one of {', '.join(TEXT_TOKENS)}, got {text_tokens!r}")
+    if text_tokens == "passage":
+        return list(samples)
+    ids = torch.tensor(list(vision_ids))
+    out = []
+    for s in samples:
+        last = int(torch.isin(s.input_ids, ids).nonzero()[-1])
+        mask = torch.zeros_like(s.text_mask)
+        mask[last + 1 :] = True
+        out.append(EncodedSample(s.inputs, mask, s.name))
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Batching
 # ----------------------------------------------------------------------------------------------------------
@@ -509,6 +544,7 @@ def capture(
     dtype: torch.dtype | None = torch.float32,
     padding_side: str = "right",
     prompt: str | None = None,
+    text_tokens: str = "passage",
     progress: bool = True,
 ) -> Iterator[CaptureBatch]:
     """Yield a :class:`CaptureBatch` per batch of ``probe`` (default: the built-in 100-pair probe).
@@ -527,6 +563,7 @@ def capture(
         dtype: dtype of captured rows (default float32; ``None`` keeps the model's).
         padding_side: "right" or "left".
         prompt: see :func:`encode_probe`.
+        text_tokens: ``"passage"`` or ``"after_image"`` (module docstring, :func:`select_text_tokens`).
         progress: tqdm progress bar.
 
     The model runs in eval mode under ``torch.inference_mode()`` with ``use_cache=False`` and its
@@ -541,6 +578,7 @@ def capture(
     samples = prepare_probe(processor, probe, prompt=prompt, progress=progress)
     vision_ids = vision_token_ids(model)
     check_samples(samples, vision_ids)
+    samples = select_text_tokens(samples, vision_ids, text_tokens)
     pad_id = _pad_id(processor, model, vision_ids)
     run_device = torch.device(device) if device is not None else model_input_device(model)
     out_device = torch.device(output_device) if output_device is not None else None

@@ -6,17 +6,19 @@ Per hidden state l (0 = LLM input, k = output of decoder layer k), on the vision
   participation ratio PR = (sum_i lambda_i)^2 / sum_i lambda_i^2 of the eigenvalues of their
   covariance, :func:`participation_ratio`. PR is 1 when one direction holds all the variance and d
   when all d directions hold equal variance; it is at most min(images - 1, d).
-- **mean absolute off-diagonal correlation** of the pooled features,
-  :func:`mean_abs_offdiag_correlation`: the Pearson correlation between every two feature dimensions
-  across images (``axis="features"``, default) or between every two images across dimensions
-  (``axis="samples"``), the mean of |r| off the diagonal. High values mean redundant, collapsed features.
+- **mean off-diagonal correlation** of the pooled features: the Pearson correlation between every
+  two feature dimensions across images (``axis="features"``, default) or between every two images
+  across dimensions (``axis="samples"``), averaged off the diagonal, both as the mean |r|
+  (:func:`mean_abs_offdiag_correlation`) and signed (:func:`mean_offdiag_correlation`); the paper's
+  text does not say which it plots. High values mean redundant, collapsed features.
 - **patch contrast ratio** when patch labels are given, :func:`contrast_ratio`: cohesion = mean cosine
   of two vision tokens of the same object in the same image, coupling = mean cosine of two tokens
-  of different objects in the same image; ratio = (1 + cohesion) / (1 + coupling), i.e. the ratio of
-  the mean shifted similarities (1 + cos) / 2, which lie in [0, 1]. The shift keeps the ratio defined
-  and monotone when cosines are negative (a plain cohesion / coupling flips sign or divides by ~0
-  there); 1 means no contrast, above 1 objects stay distinguishable. Cohesion and coupling are
-  reported raw as well.
+  of different objects in the same image; ``ratio`` = cohesion / coupling, the paper's definition
+  (undefined when coupling is 0 and meaningless when it is negative: read cohesion and coupling then).
+  ``ratio_shifted`` = (1 + cohesion) / (1 + coupling), the ratio of the mean shifted similarities
+  (1 + cos) / 2 in [0, 1], is ours: defined for any cosines, 1 means no contrast. The two can move in
+  opposite directions (0.5 / 0.2 -> 0.9 / 0.5: the paper's ratio falls, the shifted one rises), so
+  compare with the paper only through ``ratio``.
 - **linear-probe accuracy** when image labels are given, :func:`linear_probe_accuracy`: ridge
   regression on one-hot labels (closed form, standardised features), k-fold cross-validated.
 
@@ -58,6 +60,7 @@ __all__ = [
     "degradation_from_features",
     "linear_probe_accuracy",
     "mean_abs_offdiag_correlation",
+    "mean_offdiag_correlation",
     "participation_ratio",
     "patch_labels_for_grid",
     "shapes_probe",
@@ -97,6 +100,8 @@ def participation_ratio(features: Any) -> float:
 def mean_abs_offdiag_correlation(features: Any, *, axis: str = "features", chunk: int = 1024) -> float:
     """Mean |Pearson r| over the off-diagonal of a correlation matrix of ``features`` [n, d].
 
+    See :func:`mean_offdiag_correlation` for the signed mean.
+
     ``axis="features"``: correlations between the d columns across the n rows (``np.corrcoef(x.T)``);
     ``axis="samples"``: between the n rows across the d columns (``np.corrcoef(x)``). Variables with
     zero variance have no correlation and are left out. Float64, in chunks of ``chunk`` rows of
@@ -107,6 +112,24 @@ def mean_abs_offdiag_correlation(features: Any, *, axis: str = "features", chunk
         >>> mean_abs_offdiag_correlation(torch.tensor([[1.0, 2.0], [2.0, 4.1], [3.0, 6.0]]))  # doctest: +ELLIPSIS
         0.99...
     """
+    return _offdiag_correlation(features, axis, chunk, absolute=True)
+
+
+def mean_offdiag_correlation(features: Any, *, axis: str = "features", chunk: int = 1024) -> float:
+    """Signed mean Pearson r over the off-diagonal of a correlation matrix of ``features`` [n, d].
+
+    Same variables and rules as :func:`mean_abs_offdiag_correlation`; positive and negative
+    correlations cancel here, so it is near 0 for independent features and for anti-correlated pairs.
+
+    Example:
+        >>> import torch
+        >>> mean_offdiag_correlation(torch.tensor([[1.0, -2.0], [2.0, -4.1], [3.0, -6.0]]))  # doctest: +ELLIPSIS
+        -0.99...
+    """
+    return _offdiag_correlation(features, axis, chunk, absolute=False)
+
+
+def _offdiag_correlation(features: Any, axis: str, chunk: int, absolute: bool) -> float:
     if axis not in ("features", "samples"):
         raise ValueError(f"axis must be 'features' or 'samples', got {axis!r}")
     x = as_features(features, "features", min_rows=1)
@@ -122,21 +145,24 @@ def mean_abs_offdiag_correlation(features: Any, *, axis: str = "features", chunk
         raise ValueError("mean_abs_offdiag_correlation: fewer than 2 variables with non-zero variance")
     total = 0.0
     for start in range(0, p, chunk):
-        block = (z[:, start : start + chunk].T @ z).abs()
+        block = z[:, start : start + chunk].T @ z
+        block = block.abs() if absolute else block
         total += float(block.sum()) - float(block.diagonal(offset=start).sum())
     return total / (p * (p - 1))
 
 
 @dataclass(frozen=True)
 class ContrastStats:
-    """Cohesion (same-object mean cosine), coupling (different-object mean cosine), their contrast
-    ratio (1 + cohesion) / (1 + coupling), and the number of token pairs behind each."""
+    """Cohesion (same-object mean cosine), coupling (different-object mean cosine), the paper's contrast
+    ratio cohesion / coupling, our shifted ratio (1 + cohesion) / (1 + coupling), and the number of
+    token pairs behind each."""
 
     cohesion: float
     coupling: float
     ratio: float
     same_pairs: int
     different_pairs: int
+    ratio_shifted: float
 
 
 def _contrast_sums(x: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor, ignore_label: int) -> list[float]:
@@ -167,8 +193,9 @@ def _contrast_from_sums(sums: Sequence[float]) -> ContrastStats:
             f"(got {int(same_n)} same-object and {int(diff_n)} different-object pairs): too few labelled vision tokens"
         )
     cohesion, coupling = same_sum / same_n, diff_sum / diff_n
-    ratio = (1.0 + cohesion) / (1.0 + coupling) if 1.0 + coupling > 1e-12 else math.inf
-    return ContrastStats(cohesion, coupling, ratio, int(same_n), int(diff_n))
+    ratio = cohesion / coupling if coupling != 0 else math.copysign(math.inf, cohesion)
+    shifted = (1.0 + cohesion) / (1.0 + coupling) if 1.0 + coupling > 1e-12 else math.inf
+    return ContrastStats(cohesion, coupling, ratio, int(same_n), int(diff_n), shifted)
 
 
 def contrast_ratio(features: Any, patch_labels: Any, *, groups: Any = None, ignore_label: int = -1) -> ContrastStats:
@@ -176,7 +203,8 @@ def contrast_ratio(features: Any, patch_labels: Any, *, groups: Any = None, igno
 
     Pairs are formed only within one image (``groups`` [n]: image id of each token; default: all one
     image). cohesion = mean cos over pairs with the same label, coupling = mean cos over pairs with
-    different labels (each unordered pair once); ratio = (1 + cohesion) / (1 + coupling). Tokens
+    different labels (each unordered pair once); ``ratio`` = cohesion / coupling (the paper's),
+    ``ratio_shifted`` = (1 + cohesion) / (1 + coupling) (module docstring). Tokens
     labelled ``ignore_label`` (background, mixed patches) take no part. Raises ValueError when there
     is no pair of either kind.
 
@@ -184,8 +212,8 @@ def contrast_ratio(features: Any, patch_labels: Any, *, groups: Any = None, igno
         >>> import torch
         >>> x = torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.1, 1.0]])
         >>> s = contrast_ratio(x, [0, 0, 1, 1])
-        >>> s.cohesion > 0.99, s.coupling < 0.2, s.ratio > 1.5
-        (True, True, True)
+        >>> s.cohesion > 0.99, s.coupling < 0.2, s.ratio > 5, s.ratio_shifted > 1.5
+        (True, True, True, True)
     """
     x = as_features(features, "features", min_rows=1)
     labels = torch.as_tensor(np.asarray(patch_labels), device=x.device).long().reshape(-1)
@@ -444,7 +472,10 @@ class DegradationResult:
         layers: hidden-state numbers (0 = LLM input, k = output of decoder layer k).
         effective_dim: participation ratio of the mean-pooled vision features (one row per image).
         offdiag_corr: mean |r| off the diagonal of their correlation matrix (``settings["corr_axis"]``).
-        cohesion / coupling / contrast_ratio: patch contrast (None without patch labels).
+        offdiag_corr_signed: the signed mean r off the diagonal.
+        cohesion / coupling / contrast_ratio: patch contrast, ratio = cohesion / coupling as the paper
+            (None without patch labels).
+        contrast_ratio_shifted: (1 + cohesion) / (1 + coupling) (None without patch labels).
         probe_accuracy: cross-validated linear-probe accuracy (None without image labels).
         probe_chance: share of the most frequent class (what a constant guess scores).
         num_images, num_classes, class_names: the probe behind the numbers.
@@ -473,8 +504,19 @@ class DegradationResult:
     class_names: list[str] | None
     num_labelled_tokens: int
     settings: dict[str, Any] = field(default_factory=dict)
+    offdiag_corr_signed: list[float] = field(default_factory=list)
+    contrast_ratio_shifted: list[float] | None = None
 
-    _FLOAT_LISTS = ("effective_dim", "offdiag_corr", "cohesion", "coupling", "contrast_ratio", "probe_accuracy")
+    _FLOAT_LISTS = (
+        "effective_dim",
+        "offdiag_corr",
+        "offdiag_corr_signed",
+        "cohesion",
+        "coupling",
+        "contrast_ratio",
+        "contrast_ratio_shifted",
+        "probe_accuracy",
+    )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable dict (non-finite floats as strings); :meth:`from_dict` inverts it."""
@@ -487,19 +529,20 @@ class DegradationResult:
     def from_dict(cls, data: dict[str, Any]) -> DegradationResult:
         kwargs = dict(data)
         for key in cls._FLOAT_LISTS:
-            if kwargs[key] is not None:
+            if kwargs.get(key) is not None:
                 kwargs[key] = [float(v) for v in kwargs[key]]
         return cls(**kwargs)
 
     def format_table(self) -> str:
         head = (
-            f"{'layer':>5}  {'eff. dim':>8}  {'|corr|':>7}  {'contrast':>8}  {'cohesion':>8}  {'coupling':>8}  "
-            f"{'probe acc':>9}"
+            f"{'layer':>5}  {'eff. dim':>8}  {'|corr|':>7}  {'corr':>7}  {'contrast':>8}  {'cohesion':>8}  "
+            f"{'coupling':>8}  {'probe acc':>9}"
         )
         lines = [head, "-" * len(head)]
         for i, layer in enumerate(self.layers):
             lines.append(
                 f"{layer:>5}  {self.effective_dim[i]:>8.3f}  {self.offdiag_corr[i]:>7.4f}  "
+                f"{_cell(self.offdiag_corr_signed or None, i, '>7.4f')}  "
                 f"{_cell(self.contrast_ratio, i, '>8.4f')}  {_cell(self.cohesion, i, '>8.4f')}  "
                 f"{_cell(self.coupling, i, '>8.4f')}  {_cell(self.probe_accuracy, i, '>9.3f')}"
             )
@@ -556,16 +599,18 @@ class _DegradationAccumulator:
         if image_labels is not None:
             by_image = dict(enumerate(image_labels))
             labels = np.asarray([by_image[i] for i in self.images])
-        eff, corr, coh, cop, ratio, acc = [], [], [], [], [], []
+        eff, corr, signed, coh, cop, ratio, shifted, acc = [], [], [], [], [], [], [], []
         for k in self.layers:
             x = torch.cat(self.pooled[k])
             eff.append(participation_ratio(x))
             corr.append(mean_abs_offdiag_correlation(x, axis=opts["corr_axis"]))
+            signed.append(mean_offdiag_correlation(x, axis=opts["corr_axis"]))
             if with_contrast:
                 c = _contrast_from_sums(self.sums[k])
                 coh.append(c.cohesion)
                 cop.append(c.coupling)
                 ratio.append(c.ratio)
+                shifted.append(c.ratio_shifted)
             if labels is not None:
                 acc.append(
                     linear_probe_accuracy(x, labels, folds=opts["folds"], seed=opts["seed"], ridge=opts["ridge"])
@@ -587,6 +632,8 @@ class _DegradationAccumulator:
             class_names=class_names,
             num_labelled_tokens=self.labelled,
             settings=_settings(opts) | settings,
+            offdiag_corr_signed=signed,
+            contrast_ratio_shifted=shifted if with_contrast else None,
         )
 
 
@@ -595,7 +642,9 @@ def _settings(opts: dict[str, Any]) -> dict[str, Any]:
         "pooling": "mean over the vision tokens of each image",
         "effective_dim": "participation ratio (sum lambda)^2 / sum lambda^2 of the pooled-feature covariance",
         "corr_axis": opts["corr_axis"],
-        "contrast_ratio": "(1 + cohesion) / (1 + coupling); cosine pairs within one image; -1 labels ignored",
+        "contrast_ratio": "cohesion / coupling (the paper's); cosine pairs within one image; -1 labels ignored",
+        "contrast_ratio_shifted": "(1 + cohesion) / (1 + coupling)",
+        "offdiag_corr": "mean |r| off the diagonal; offdiag_corr_signed: mean r",
         "linear_probe": f"ridge (closed form) on standardised pooled features, {opts['folds']}-fold stratified CV",
         "folds": opts["folds"],
         "ridge": opts["ridge"],

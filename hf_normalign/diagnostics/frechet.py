@@ -157,9 +157,10 @@ def trace_sqrt_product(
         null eigenvalues impose on any d x d route and differ by <= 1e-8; with ``ns_iters=30`` the
         error reaches 5e-6 at condition 1e12 (each iteration grows a tiny eigenvalue's root by at
         most 1.5x, so unconverged terms can only make the trace too small and FD too large).
-        ``"reference_fast"``: returns tr(S_x S_y), the product itself. This is NOT a square root: it
-        reproduces what the reference MIR script's fast mode effectively computes (its iteration
-        starts at its own fixed point), and exists only to compare with numbers published with it.
+        ``"reference_fast"``: returns tr(S_x S_y), the product itself. This is NOT a square root: it is
+        the value the reference MIR script's fast mode returns in exact arithmetic (its iteration starts
+        at its own fixed point); the script's float32 output differs from it by round-off (docs/mir.md
+        quotes measured figures). It exists only to compare with numbers published with that mode.
 
     Example:
         >>> import torch

@@ -136,18 +136,21 @@ def median_bandwidth(x: Any, y: Any | None = None) -> float:
 
 
 def _mmd2(x: torch.Tensor, y: torch.Tensor, h: float, unbiased: bool) -> float:
+    return _mmd2_both(x, y, h)[0 if unbiased else 1]
+
+
+def _mmd2_both(x: torch.Tensor, y: torch.Tensor, h: float) -> tuple[float, float]:
+    """(unbiased U-statistic, biased V-statistic) of MMD^2 from one set of kernel matrices."""
     gamma = 1.0 / (2.0 * h * h)
     kxx = torch.exp(-gamma * _sq_dists(x, x))
     kyy = torch.exp(-gamma * _sq_dists(y, y))
     kxy = torch.exp(-gamma * _sq_dists(x, y))
     n, m = x.shape[0], y.shape[0]
-    if unbiased:
-        # The exact diagonal is exp(0) = 1; leave it out (rounding in _sq_dists never reaches it).
-        sxx = (kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1))
-        syy = (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
-    else:
-        sxx, syy = kxx.mean(), kyy.mean()
-    return float(sxx + syy - 2.0 * kxy.mean())
+    cross = 2.0 * kxy.mean()
+    # The exact diagonal is exp(0) = 1; the U-statistic leaves it out.
+    sxx = (kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1))
+    syy = (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
+    return float(sxx + syy - cross), float(kxx.mean() + kyy.mean() - cross)
 
 
 def mmd2_rbf(
@@ -363,7 +366,10 @@ class KeySpaceResult:
 
     Attributes:
         layers: decoder layers (1-based; keys of layer k = ``layers[k - 1].self_attn.k_proj`` output).
-        mmd2: MMD^2(vision keys, text keys).
+        mmd2: MMD^2(vision keys, text keys), with the estimator chosen by ``unbiased``.
+        mmd2_unbiased / mmd2_biased: both estimators of that MMD^2 (U- and V-statistic).
+        mmd: MMD = sqrt(biased MMD^2), the distance itself (the paper quotes "MMD"; the V-statistic is
+            never negative, so its root always exists).
         mmd2_vision_halves / mmd2_text_halves: MMD^2 between two random halves of one modality
             (intra-modal baseline, same bandwidth as ``mmd2``).
         jsd, jsd_vision_halves, jsd_text_halves: the same for the PCA-histogram JSD.
@@ -401,9 +407,15 @@ class KeySpaceResult:
     scatter: dict[str, dict[str, list]] = field(default_factory=dict)
     num_samples: int | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+    mmd: list[float] = field(default_factory=list)
+    mmd2_unbiased: list[float] = field(default_factory=list)
+    mmd2_biased: list[float] = field(default_factory=list)
 
     _FLOAT_LISTS = (
         "mmd2",
+        "mmd",
+        "mmd2_unbiased",
+        "mmd2_biased",
         "mmd2_vision_halves",
         "mmd2_text_halves",
         "jsd",
@@ -423,7 +435,7 @@ class KeySpaceResult:
     def from_dict(cls, data: dict[str, Any]) -> KeySpaceResult:
         kwargs = dict(data)
         for key in cls._FLOAT_LISTS:
-            kwargs[key] = [float(v) for v in kwargs[key]]
+            kwargs[key] = [float(v) for v in kwargs.get(key, [])]
         return cls(**kwargs)
 
     def format_table(self) -> str:
@@ -468,8 +480,12 @@ def _layer_gap(
     bins = auto_bins(min(v1.shape[0], t1.shape[0]), dims) if opts["bins"] is None else opts["bins"]
     jsd = dict(dims=dims, bins=bins, clip_quantile=opts["clip_quantile"], seed=seed)
     base = opts["jsd_base"]
+    mmd2_u, mmd2_b = _mmd2_both(v, t, h)
     out = {
-        "mmd2": _mmd2(v, t, h, unbiased),
+        "mmd2": mmd2_u if unbiased else mmd2_b,
+        "mmd2_unbiased": mmd2_u,
+        "mmd2_biased": mmd2_b,
+        "mmd": math.sqrt(max(mmd2_b, 0.0)),
         "mmd2_vision_halves": _mmd2(v1, v2, h, unbiased),
         "mmd2_text_halves": _mmd2(t1, t2, h, unbiased),
         "jsd": jsd_histograms(*pca_histograms(v, t, **jsd)[:2], base=base),
@@ -550,6 +566,9 @@ def _result(
 ) -> KeySpaceResult:
     keys = (
         "mmd2",
+        "mmd",
+        "mmd2_unbiased",
+        "mmd2_biased",
         "mmd2_vision_halves",
         "mmd2_text_halves",
         "jsd",

@@ -1,9 +1,17 @@
 """MIR (Modality Integration Rate) of a model: capture features over a probe, then the exact maths.
 
 ``mir(model, processor)`` runs the model over the probe in batches (:mod:`.capture`), takes the
-hidden states at vision and text-passage positions of every decoder layer (layers 1..K, the
-reference's ``hidden_states[1:]``; layer K after the final norm unless ``final_norm=False``) and
-computes MIR with :func:`.mir_math.mir_from_features` (or :class:`.mir_math.StreamingMIR`).
+hidden states at vision and text positions of every decoder layer (layers 1..K, the reference's
+``hidden_states[1:]``; layer K after the final norm unless ``final_norm=False``) and computes MIR with
+:func:`.mir_math.mir_from_features` (or :class:`.mir_math.StreamingMIR`). Text is the passage
+(default) or, ``text_tokens="after_image"``, every token after the image, as the reference script.
+
+``preset="reference"`` runs the reference script's recipe (shikiw/Modality-Integration-Rate ``mir.py``):
+the vicuna_v1 prompt ``"<system> USER: <image>\n ASSISTANT: {passage}</s>"`` (:data:`REFERENCE_PROMPT`),
+text = every token after the image, 3-sigma outliers replaced by the median with torch statistics,
+text-centric scale on, base-10 log, last layer after the final norm. With ``sqrt="exact"`` (default)
+it equals the script's accurate mode (``--mode accurate``, scipy ``sqrtm``) to float32 round-off on the
+same features; the script's default fast mode differs by its own round-off (docs/mir.md).
 
 Memory:
 
@@ -22,7 +30,7 @@ Example:
     >>> result.layers, result.num_samples, result.settings["final_norm"]
     ([1, 2], 8, True)
 
-Command line: ``normalign mir MODEL [--images DIR --texts PATH --num-samples N --json FILE]``.
+Command line: ``normalign mir MODEL [--preset reference] [--images DIR --texts PATH --num-samples N --json FILE]``.
 """
 
 from __future__ import annotations
@@ -37,20 +45,41 @@ import torch
 from torch import nn
 
 from .capture import (
+    TEXT_TOKENS,
     EncodedSample,
     _base_model,
+    _image_placeholder,
     capture,
     check_samples,
     model_input_device,
     prepare_probe,
     resolve_layers,
+    select_text_tokens,
     vision_token_ids,
 )
 from .frechet import SqrtMethod
 from .mir_math import MIRResult, StreamingMIR, mir_from_features
 from .probe import Probe, load_probe
 
-__all__ = ["mir"]
+__all__ = ["PRESETS", "REFERENCE_PROMPT", "mir"]
+
+PRESETS: tuple[str, ...] = ("reference",)
+# The vicuna_v1 conversation of the reference script (LLaVA's conv_vicuna_v1, image then passage as the
+# assistant turn, closed by sep2 "</s>"); {image} becomes the processor's image placeholder.
+REFERENCE_PROMPT = (
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+    "detailed, and polite answers to the user's questions. USER: {image}\n ASSISTANT: {text}</s>"
+)
+# What preset="reference" fixes: argument -> the reference script's value.
+_REFERENCE_FIXED: dict[str, Any] = {
+    "outliers": "replace_median",
+    "outlier_stats": "torch",
+    "outlier_threshold": 3.0,
+    "text_scale": True,
+    "final_norm": True,
+    "log_base": 10,
+    "include_embeddings": False,
+}
 
 _LAYER_NUMBERING = "hidden_states index: 0 = LLM input, k = output of decoder layer k (1-based)"
 
@@ -68,7 +97,11 @@ def mir(
     outliers: str = "replace_median",
     sqrt: SqrtMethod = "exact",
     log_base: float = 10,
-    outlier_threshold: float = 3.0,
+    outlier_threshold: float | None = None,
+    outlier_stats: str = "torch",
+    text_scale: bool = True,
+    text_tokens: str | None = None,
+    preset: str | None = None,
     streaming: bool | None = None,
     seed: int = 0,
     prompt: str | None = None,
@@ -89,7 +122,15 @@ def mir(
         final_norm: take layer K after the final norm (as transformers reports it and the reference
             uses it) or before it.
         layers / include_embeddings: layers to use (numbering in :mod:`.capture`); default 1..K.
-        outliers, sqrt, log_base, outlier_threshold: as :func:`~.mir_math.mir_from_features`.
+        outliers, sqrt, log_base, outlier_threshold, outlier_stats, text_scale: as
+            :func:`~.mir_math.mir_from_features` (defaults: 3-sigma replace-median with torch statistics,
+            text-centric scale on, exact square root).
+        text_tokens: ``"passage"`` (default) or ``"after_image"`` (every token after the image, template
+            and end-of-sequence tokens included), see :mod:`.capture`.
+        preset: ``"reference"``: the reference script's recipe (module docstring). It sets ``prompt`` and
+            ``text_tokens="after_image"``; passing another prompt, text_tokens or any of outliers /
+            outlier_stats / outlier_threshold / text_scale / final_norm / log_base / include_embeddings
+            that differs from the reference raises ``ValueError``. ``sqrt`` and ``layers`` stay yours.
         streaming: bounded-memory accumulation (``"drop"``/``"none"`` only); default: on for those.
         prompt, padding_side, device: as :func:`~.capture.capture`.
         stats_device: where float64 statistics are computed (default: the model's device).
@@ -105,11 +146,22 @@ def mir(
         ValueError: an empty probe, an image that does not decode (naming the file), a prompt without
             vision tokens, fewer than 2 tokens of a modality, non-finite features (naming the layer).
     """
+    given = {
+        "outliers": outliers,
+        "outlier_stats": outlier_stats,
+        "outlier_threshold": 3.0 if outlier_threshold is None else outlier_threshold,
+        "text_scale": text_scale,
+        "final_norm": final_norm,
+        "log_base": log_base,
+        "include_embeddings": include_embeddings,
+    }
+    text_tokens, prompt = _apply_preset(preset, given, text_tokens, prompt, processor, probe)
     base = _base_model(model)
     selected = resolve_layers(base, layers, include_embeddings=include_embeddings)
     samples = prepare_probe(processor, probe, num_samples=num_samples, seed=seed, prompt=prompt, progress=progress)
     vision_ids = vision_token_ids(base)
     check_samples(samples, vision_ids)
+    samples = select_text_tokens(samples, vision_ids, text_tokens)
     n_vision = sum(s.num_vision_tokens(vision_ids) for s in samples)
     n_text = sum(s.num_text_tokens for s in samples)
     for what, n in (("vision", n_vision), ("text", n_text)):
@@ -125,8 +177,18 @@ def mir(
         "model": str(getattr(base.config, "_name_or_path", "") or type(base).__name__),
         "model_dtype": str(base.dtype).removeprefix("torch."),
         "layer_numbering": _LAYER_NUMBERING,
+        "text_tokens": text_tokens,
+        "prompt": prompt if prompt is not None else "chat template",
+        "preset": preset,
     }
-    maths = {"outliers": outliers, "sqrt": sqrt, "log_base": log_base, "outlier_threshold": outlier_threshold}
+    maths = {
+        "outliers": outliers,
+        "sqrt": sqrt,
+        "log_base": log_base,
+        "outlier_threshold": outlier_threshold,
+        "outlier_stats": outlier_stats,
+        "text_scale": text_scale,
+    }
     run = dict(
         final_norm=final_norm, batch_size=batch_size, padding_side=padding_side, device=device, progress=progress
     )
@@ -165,6 +227,35 @@ def mir(
         num_samples=len(samples),
         extra_settings=extra,
     )
+
+
+def _apply_preset(
+    preset: str | None, given: dict[str, Any], text_tokens: str | None, prompt: str | None, processor: Any, probe: Any
+) -> tuple[str, str | None]:
+    """(text_tokens, prompt) after ``preset``; ``ValueError`` for a preset value the caller overrode."""
+    if preset is None:
+        text_tokens = "passage" if text_tokens is None else text_tokens
+        if text_tokens not in TEXT_TOKENS:
+            raise ValueError(f"text_tokens must be one of {', '.join(TEXT_TOKENS)}, got {text_tokens!r}")
+        return text_tokens, prompt
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; valid: {', '.join(PRESETS)}")
+    clashes = [f"{k}={given[k]!r}" for k, v in _REFERENCE_FIXED.items() if given[k] != v]
+    if prompt is not None:
+        clashes.append("prompt")
+    if text_tokens not in (None, "after_image"):
+        clashes.append(f"text_tokens={text_tokens!r}")
+    if clashes:
+        raise ValueError(
+            f"preset='reference' fixes {', '.join(clashes)} to the reference script's values; "
+            "drop those arguments or the preset"
+        )
+    items = list(probe.samples if isinstance(probe, Probe) else probe or [])
+    if processor is None or (items and isinstance(items[0], EncodedSample)):
+        raise ValueError(
+            "preset='reference' builds its own prompt and needs a processor and a probe of image-text pairs"
+        )
+    return "after_image", REFERENCE_PROMPT.replace("{image}", _image_placeholder(processor))
 
 
 def _probe_name(probe: Any, n: int, seed: int) -> str:
@@ -245,6 +336,10 @@ def _main(args: argparse.Namespace) -> int:
         layers=args.layers,
         include_embeddings=args.include_embeddings,
         outliers=args.outliers,
+        outlier_stats=args.outlier_stats,
+        text_scale=not args.no_text_scale,
+        text_tokens=args.text_tokens,
+        preset=args.preset,
         sqrt=args.sqrt,
         log_base=args.log_base,
         streaming=args.streaming,

@@ -4,10 +4,21 @@ For every LLM layer k, with V the vision-token and T the text-token hidden state
 (all samples stacked):
 
 1. text-centric scale: alpha_k = 1 / mean_j ||T_j||, applied to both V and T, computed on all
-   tokens BEFORE outlier handling;
-2. outliers per modality on token L2 norms: |norm - median| > 3 * std (numpy std, ddof 0), either
-   replaced by the per-dimension median of all rows of that modality (``"replace_median"``, what
-   the reference script does), dropped (``"drop"``, what the paper text says) or kept (``"none"``);
+   tokens BEFORE outlier handling (``text_scale=False`` skips it, the paper's ablation);
+2. outliers per modality on token L2 norms:
+
+   - ``"replace_median"`` (default, what the reference script ``mir.py`` runs): rows with
+     |norm - median(norms)| > 3 * std(norms) are replaced by the per-dimension median of all rows
+     of that modality;
+   - ``"iqr"`` (the reference's ``replace_outliers_with_iqr_l2``, defined in ``mir_util.py`` but not
+     called by its ``mir.py``): rows with a norm outside [Q1 - 1.5 IQR, Q3 + 1.5 IQR] (quartiles by
+     linear interpolation, as ``torch.quantile``) are replaced the same way;
+   - ``"drop"``: the 3-sigma rows are removed (what the paper text says); ``"none"``: kept.
+
+   ``outlier_stats="torch"`` (default) uses the reference's statistics, ``torch.std`` (unbiased,
+   ddof 1) and ``torch.median`` (the LOWER of the two middle values for an even count), both for the
+   threshold and for the replacement value; ``"numpy"`` uses ``np.std`` (ddof 0) and ``np.median``
+   (mean of the two middle values);
 3. FID_k = Fréchet distance of the two sets (covariances with N-1), see :mod:`.frechet`.
 
 MIR = log_base(sum_k FID_k), base 10 by default (as the reference script).
@@ -41,10 +52,13 @@ from .frechet import (
     frechet_from_moments,
 )
 
-__all__ = ["OUTLIER_MODES", "MIRResult", "StreamingMIR", "mir_from_features"]
+__all__ = ["OUTLIER_MODES", "OUTLIER_STATS", "MIRResult", "StreamingMIR", "mir_from_features"]
 
-OUTLIER_MODES: tuple[str, ...] = ("replace_median", "drop", "none")
+OUTLIER_MODES: tuple[str, ...] = ("replace_median", "iqr", "drop", "none")
 STREAMING_OUTLIER_MODES: tuple[str, ...] = ("drop", "none")
+OUTLIER_STATS: tuple[str, ...] = ("torch", "numpy")
+# Default width of the outlier test: 3 standard deviations, or 1.5 IQR for the IQR rule (as the reference).
+_DEFAULT_THRESHOLD = {"iqr": 1.5}
 
 
 def _encode_float(x: float) -> float | str:
@@ -140,27 +154,43 @@ def _count_cell(tokens: list[int], outliers: list[int], i: int) -> str:
     return f"{tokens[i]} ({outliers[i]})" if i < len(outliers) else str(tokens[i])
 
 
-def _median(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
-    """numpy-style median (mean of the two middle values for even counts; torch.median takes the lower)."""
+def _median(x: torch.Tensor, stats: str, dim: int = 0) -> torch.Tensor:
+    """Median along ``dim``: torch's (lower of the two middle values) or numpy's (their mean)."""
+    if stats == "torch":
+        return x.median(dim=dim).values
     s = x.sort(dim=dim).values
     n = s.shape[dim]
     lo, hi = s.narrow(dim, (n - 1) // 2, 1), s.narrow(dim, n // 2, 1)
     return (0.5 * (lo + hi)).squeeze(dim)
 
 
-def _outlier_bounds(norms: torch.Tensor, threshold: float) -> tuple[float, float]:
-    """(median, threshold * std) of token norms; std with ddof 0 as numpy's default in the reference."""
-    return float(_median(norms)), threshold * float(norms.std(correction=0))
+def _outlier_bounds(norms: torch.Tensor, rule: str, threshold: float, stats: str) -> tuple[float, float]:
+    """(low, high): token norms outside this closed interval are outliers.
+
+    3-sigma rule: median -/+ threshold * std (ddof 1 for torch statistics, 0 for numpy);
+    IQR rule: Q1 - threshold * IQR, Q3 + threshold * IQR with linearly interpolated quartiles
+    (``torch.quantile`` and ``np.percentile`` agree on that).
+    """
+    if rule == "iqr":
+        q1, q3 = (float(q) for q in torch.quantile(norms, torch.tensor([0.25, 0.75], dtype=norms.dtype)))
+        return q1 - threshold * (q3 - q1), q3 + threshold * (q3 - q1)
+    median = float(_median(norms, stats))
+    width = threshold * float(norms.std(correction=1 if stats == "torch" else 0))
+    return median - width, median + width
 
 
 def _outlier_mask(norms: torch.Tensor, bounds: tuple[float, float]) -> torch.Tensor:
-    median, width = bounds
-    return (norms - median).abs() > width
+    low, high = bounds
+    return (norms < low) | (norms > high)
 
 
-def _check_modes(outliers: str, sqrt: str, log_base: float, allowed_outliers: tuple[str, ...]) -> None:
+def _check_modes(
+    outliers: str, sqrt: str, log_base: float, allowed_outliers: tuple[str, ...], outlier_stats: str = "torch"
+) -> None:
     if outliers not in allowed_outliers:
         raise ValueError(f"unknown outlier mode {outliers!r}; valid: {', '.join(allowed_outliers)}")
+    if outlier_stats not in OUTLIER_STATS:
+        raise ValueError(f"unknown outlier_stats {outlier_stats!r}; valid: {', '.join(OUTLIER_STATS)}")
     if sqrt not in SQRT_METHODS:
         raise ValueError(f"unknown sqrt mode {sqrt!r}; valid: {', '.join(SQRT_METHODS)}")
     if not (log_base > 0 and log_base != 1 and math.isfinite(log_base)):
@@ -192,9 +222,18 @@ def _mir_value(per_layer: Sequence[float], log_base: float) -> float:
     return float("nan")
 
 
+def _threshold(outliers: str, threshold: float | None) -> float:
+    value = _DEFAULT_THRESHOLD.get(outliers, 3.0) if threshold is None else float(threshold)
+    if not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"outlier_threshold must be a finite number >= 0, got {threshold!r}")
+    return value
+
+
 def _settings(
     outliers: str,
     threshold: float,
+    stats: str,
+    text_scale: bool,
     sqrt: str,
     log_base: float,
     streaming: bool,
@@ -203,9 +242,10 @@ def _settings(
     out: dict[str, Any] = {
         "outliers": outliers,
         "outlier_threshold": threshold,
+        "outlier_stats": stats,
         "sqrt": sqrt,
         "log_base": log_base,
-        "text_scale": "1 / mean text-token L2 norm, before outlier handling",
+        "text_scale": "1 / mean text-token L2 norm, before outlier handling" if text_scale else "off (alpha = 1)",
         "covariance": "unbiased (N-1)",
         "streaming": streaming,
     }
@@ -251,14 +291,18 @@ def mir_from_features(
     log_base: float = 10,
     layer_indices: Sequence[int] | None = None,
     num_samples: int | None = None,
-    outlier_threshold: float = 3.0,
+    outlier_threshold: float | None = None,
+    outlier_stats: str = "torch",
+    text_scale: bool = True,
     extra_settings: Mapping[str, Any] | None = None,
 ) -> MIRResult:
     """MIR from per-layer features: ``vision_layers[k]`` [n_k, d], ``text_layers[k]`` [m_k, d].
 
     Features may be torch tensors (any float dtype, any device; computed in float64 there) or numpy
-    arrays. Outlier detection uses the unscaled norms: |a n - med(a n)| > c std(a n) is the same test
-    for any a > 0, so it equals the reference's test on scaled features. A layer with fewer than 2
+    arrays. ``outlier_threshold`` is the width of the outlier test (default 3 standard deviations,
+    1.5 IQR for ``outliers="iqr"``); ``outlier_stats`` and ``text_scale`` as in the module docstring.
+    Outlier detection uses the unscaled norms: both tests are unchanged when all norms are multiplied
+    by the same a > 0, so they equal the reference's tests on scaled features. A layer with fewer than 2
     tokens of a modality (before or after dropping) or with NaN/inf raises ValueError naming it.
     A sum of FIDs of 0 gives MIR = -inf and a negative sum (``sqrt="reference_fast"`` only) NaN, each
     with a warning; per-layer values stay available. ``extra_settings`` (e.g. ``{"final_norm": True}``)
@@ -273,7 +317,9 @@ def mir_from_features(
         >>> res.layers, res.settings["outliers"]
         ([5, 6], 'drop')
     """
-    _check_modes(outliers, sqrt, log_base, OUTLIER_MODES)
+    _check_modes(outliers, sqrt, log_base, OUTLIER_MODES, outlier_stats)
+    threshold = _threshold(outliers, outlier_threshold)
+    rule = "iqr" if outliers == "iqr" else "sigma"
     if len(vision_layers) != len(text_layers):
         raise ValueError(f"got {len(vision_layers)} vision layers but {len(text_layers)} text layers")
     if len(vision_layers) == 0:
@@ -285,13 +331,14 @@ def mir_from_features(
         v, t, v_norms, t_norms = _layer_features(v_raw, t_raw, name)
         _check_rows(v, "vision features", name)
         _check_rows(t, "text features", name)
-        alpha = _text_scale(float(t_norms.sum()), t_norms.shape[0], name)
+        alpha = _text_scale(float(t_norms.sum()), t_norms.shape[0], name) if text_scale else 1.0
         v, t = v * alpha, t * alpha
-        mask_v = _outlier_mask(v_norms, _outlier_bounds(v_norms, outlier_threshold))
-        mask_t = _outlier_mask(t_norms, _outlier_bounds(t_norms, outlier_threshold))
-        if outliers == "replace_median":
-            v[mask_v] = _median(v, dim=0)  # median over all rows, outliers included, as the reference
-            t[mask_t] = _median(t, dim=0)
+        mask_v = _outlier_mask(v_norms, _outlier_bounds(v_norms, rule, threshold, outlier_stats))
+        mask_t = _outlier_mask(t_norms, _outlier_bounds(t_norms, rule, threshold, outlier_stats))
+        if outliers in ("replace_median", "iqr"):
+            # median over all rows, outliers included, as the reference
+            v[mask_v] = _median(v, outlier_stats, dim=0)
+            t[mask_t] = _median(t, outlier_stats, dim=0)
         elif outliers == "drop":
             v, t = v[~mask_v], t[~mask_t]
             _check_rows(v, "vision features after dropping outliers", name)
@@ -307,7 +354,7 @@ def mir_from_features(
         per_layer=per_layer,
         layers=layers,
         num_samples=num_samples,
-        settings=_settings(outliers, outlier_threshold, sqrt, log_base, False, extra_settings),
+        settings=_settings(outliers, threshold, outlier_stats, text_scale, sqrt, log_base, False, extra_settings),
         num_vision_tokens=n_vis,
         num_text_tokens=n_txt,
         num_vision_outliers=out_vis,
@@ -344,9 +391,10 @@ class StreamingMIR:
     ``outliers="none"`` needs one pass over the data. ``outliers="drop"`` needs two: the median and
     std of token norms over ALL tokens cannot be known in one pass, so the first pass keeps only the
     per-token norms (one float64 per token and layer, on the CPU) and the second accumulates moments
-    of the rows that pass the test. The caller runs its feature capture twice over the same data
-    (any order, any batching). ``"replace_median"`` needs the per-dimension median of all rows,
-    which no bounded-memory pass gives: use :func:`mir_from_features` for it. Results equal
+    of the rows that pass the test (statistics per ``outlier_stats``). The caller runs its feature
+    capture twice over the same data (any order, any batching). ``"replace_median"`` and ``"iqr"``
+    need the per-dimension median of all rows, which no bounded-memory pass gives: use
+    :func:`mir_from_features` for them. Results equal
     :func:`mir_from_features` with the same mode to rounding (~1e-12 relative).
 
     Moments live on ``device`` (default: the device of the first batch): 2 * d^2 float64 per layer,
@@ -375,21 +423,25 @@ class StreamingMIR:
         sqrt: SqrtMethod = "exact",
         log_base: float = 10,
         layer_indices: Sequence[int] | None = None,
-        outlier_threshold: float = 3.0,
+        outlier_threshold: float | None = None,
+        outlier_stats: str = "torch",
+        text_scale: bool = True,
         device: str | torch.device | None = None,
         extra_settings: Mapping[str, Any] | None = None,
     ) -> None:
-        if outliers == "replace_median":
+        if outliers in ("replace_median", "iqr"):
             raise ValueError(
-                "outliers='replace_median' needs the per-dimension median of all tokens, which cannot be "
+                f"outliers={outliers!r} needs the per-dimension median of all tokens, which cannot be "
                 "streamed in bounded memory; use mir_from_features, or outliers in "
                 f"{', '.join(STREAMING_OUTLIER_MODES)}"
             )
-        _check_modes(outliers, sqrt, log_base, STREAMING_OUTLIER_MODES)
+        _check_modes(outliers, sqrt, log_base, STREAMING_OUTLIER_MODES, outlier_stats)
         self.outliers = outliers
+        self.outlier_stats = outlier_stats
+        self.text_scale = text_scale
         self.sqrt = sqrt
         self.log_base = log_base
-        self.outlier_threshold = outlier_threshold
+        self.outlier_threshold = _threshold(outliers, outlier_threshold)
         self.device = device
         self.extra_settings = dict(extra_settings or {})
         self._layer_indices = None if layer_indices is None else [int(i) for i in layer_indices]
@@ -461,8 +513,9 @@ class StreamingMIR:
                     if norms.shape[0] < 2:
                         raise ValueError(f"{name}: {what} need at least 2 rows, got {norms.shape[0]}")
                 state.text_norm_sum, state.text_norm_count = float(t_norms.sum()), t_norms.shape[0]
-                state.vision_bounds = _outlier_bounds(v_norms, self.outlier_threshold)
-                state.text_bounds = _outlier_bounds(t_norms, self.outlier_threshold)
+                bounds = ("sigma", self.outlier_threshold, self.outlier_stats)
+                state.vision_bounds = _outlier_bounds(v_norms, *bounds)
+                state.text_bounds = _outlier_bounds(t_norms, *bounds)
                 state.first_pass_counts = (state.vision_seen, state.text_seen)
                 state.vision_norms, state.text_norms = [], []
                 state.vision_seen = state.text_seen = 0
@@ -490,7 +543,7 @@ class StreamingMIR:
             for what, acc in (("vision features", state.vision), ("text features", state.text)):
                 if acc.count < 2:
                     raise ValueError(f"{name}: {what} need at least 2 rows (after outliers), got {acc.count}")
-            alpha = _text_scale(state.text_norm_sum, state.text_norm_count, name)
+            alpha = _text_scale(state.text_norm_sum, state.text_norm_count, name) if self.text_scale else 1.0
             per_layer.append(
                 frechet_from_moments(
                     state.vision.mean * alpha,
@@ -508,7 +561,14 @@ class StreamingMIR:
             layers=_layer_indices(self._layer_indices, len(self._layers)),
             num_samples=self.num_samples,
             settings=_settings(
-                self.outliers, self.outlier_threshold, self.sqrt, self.log_base, True, self.extra_settings
+                self.outliers,
+                self.outlier_threshold,
+                self.outlier_stats,
+                self.text_scale,
+                self.sqrt,
+                self.log_base,
+                True,
+                self.extra_settings,
             ),
             num_vision_tokens=[s.vision.count for s in self._layers],
             num_text_tokens=[s.text.count for s in self._layers],

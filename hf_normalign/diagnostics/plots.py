@@ -203,7 +203,7 @@ def plot_degradation(results: Mapping[str, Any]) -> Any:
     panels = (
         ("effective_dim", "PCA effective dimension (participation ratio)", "PR"),
         ("offdiag_corr", "Mean |off-diagonal correlation|", "|r|"),
-        ("contrast_ratio", "Patch contrast (1+cohesion)/(1+coupling)", "ratio"),
+        ("contrast_ratio", "Patch contrast cohesion/coupling", "ratio"),
         ("probe_accuracy", "Linear-probe accuracy (CV)", "accuracy"),
     )
     for ax, (key, title, ylabel) in zip(axes, panels, strict=True):

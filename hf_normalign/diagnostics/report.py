@@ -354,6 +354,9 @@ _TABLES: dict[str, tuple[dict[str, str], str]] = {
     "key_space": (
         {
             "mmd2": "MMD²",
+            "mmd": "MMD",
+            "mmd2_unbiased": "MMD² unbiased",
+            "mmd2_biased": "MMD² biased",
             "mmd2_vision_halves": "MMD² V|V",
             "mmd2_text_halves": "MMD² T|T",
             "jsd": "JSD",
@@ -368,9 +371,11 @@ _TABLES: dict[str, tuple[dict[str, str], str]] = {
         {
             "effective_dim": "effective dim",
             "offdiag_corr": "|corr|",
+            "offdiag_corr_signed": "corr (signed)",
             "cohesion": "cohesion",
             "coupling": "coupling",
-            "contrast_ratio": "contrast ratio",
+            "contrast_ratio": "contrast cohesion/coupling",
+            "contrast_ratio_shifted": "contrast (1+coh)/(1+coup)",
             "probe_accuracy": "probe accuracy",
         },
         "layers",
