@@ -105,3 +105,18 @@ def assert_readable(browser: str, page: Path, workdir: Path, widths: tuple[int, 
         assert not broken, f"{page.name} at {width} px: images not loaded: {broken}"
         assert all(0 < i["width"] <= width for i in m["images"]), m["images"]
         assert m["minFont"] >= 11, f"{page.name} at {width} px: {m['minFont']} px text: {m['minFontText']!r}"
+
+
+def require_chromium() -> str:
+    """The Chromium binary, or skip the test with the reason shown in pytest's warnings summary (which a
+    plain ``pytest -q`` prints, unlike skip reasons)."""
+    import warnings
+
+    import pytest
+
+    browser = find_chromium()
+    if browser is None:
+        reason = "no chromium on PATH (apt-get install chromium): the report rendering check was skipped"
+        warnings.warn(reason, stacklevel=2)
+        pytest.skip(reason)
+    return browser

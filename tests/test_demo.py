@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from browser import assert_readable, find_chromium
+from browser import assert_readable, require_chromium
 from plot_pixels import pixels_of, render
 
 import hf_normalign as normalign
@@ -84,10 +84,7 @@ def test_every_variant_is_drawn_in_the_training_plot(demo):
 
 @pytest.mark.slow
 def test_demo_report_renders_in_headless_chromium(demo, tmp_path):
-    browser = find_chromium()
-    if browser is None:
-        print("SKIPPED: no chromium on PATH (apt-get install chromium); the report rendering check did not run")
-        pytest.skip("no chromium on PATH (apt-get install chromium): the report rendering check did not run")
+    browser = require_chromium()
     assert_readable(browser, demo.report, tmp_path)
     assert_readable(browser, demo.out_dir / "diagnostics" / "report.html", tmp_path)
 

@@ -10,7 +10,7 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 import torch
-from browser import assert_readable, find_chromium
+from browser import assert_readable, require_chromium
 from PIL import Image
 from plot_pixels import pixels_of, render
 
@@ -264,8 +264,5 @@ def test_coinciding_is_relative_to_the_span():
 
 
 def test_renders_in_headless_chromium(report, tmp_path):
-    browser = find_chromium()
-    if browser is None:
-        print("SKIPPED: no chromium on PATH (apt-get install chromium); the report rendering check did not run")
-        pytest.skip("no chromium on PATH (apt-get install chromium): the report rendering check did not run")
+    browser = require_chromium()
     assert_readable(browser, report.html, tmp_path)
