@@ -79,18 +79,26 @@ def measure(browser: str, page: Path, width: int, workdir: Path) -> dict[str, An
 
 
 def screenshot(browser: str, page: Path, width: int, height: int, out: Path) -> None:
-    """A PNG of the top ``width`` x ``height`` px of ``page``."""
+    """A PNG of the top ``width`` x ``height`` px of ``page`` (256 colours: small enough for docs/).
+
+    ``python -c "import sys; sys.path.insert(0, 'tests'); from browser import *; from pathlib import Path;
+    screenshot(find_chromium(), Path('normalign-demo/report.html'), 390, 1500, Path('docs/img/demo-report-390.png'))"``
+    """
+    import tempfile
+
     from PIL import Image
 
-    framed = _framed(page, width, height, "", out.parent)
-    subprocess.run(
-        [browser, *_FLAGS, f"--window-size={max(width, 500)},{height}", f"--screenshot={out}", framed.as_uri()],
-        capture_output=True,
-        timeout=180,
-        check=True,
-    )
+    out = out.resolve()
+    with tempfile.TemporaryDirectory() as tmp:
+        framed = _framed(page, width, height, "", Path(tmp))
+        subprocess.run(
+            [browser, *_FLAGS, f"--window-size={max(width, 500)},{height}", f"--screenshot={out}", framed.as_uri()],
+            capture_output=True,
+            timeout=180,
+            check=True,
+        )
     with Image.open(out) as shot:
-        cropped = shot.crop((0, 0, width, height))
+        cropped = shot.convert("RGB").crop((0, 0, width, height)).quantize(256)
     cropped.save(out, optimize=True)
 
 

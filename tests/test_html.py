@@ -42,9 +42,16 @@ def test_figure_is_shown_at_half_its_pixels_and_links_to_the_file():
 
 @pytest.mark.parametrize(
     ("values", "expected"),
-    [([84.2, 1.5], 1), ([0.6363, 0.12], 3), ([150.0, 2.0], 0), ([0.0012, None, float("nan")], 4), ([], 0)],
+    [
+        ([84.2, 1.5], 1),
+        ([0.6363, 0.12], 3),
+        ([150.0, 2.0], 1),
+        ([150.0, 300.0], 0),
+        ([0.0012, None, float("nan")], 4),
+        ([], 0),
+    ],
 )
-def test_column_decimals_give_three_digits_to_the_largest(values, expected):
+def test_column_decimals_give_three_digits_to_the_largest_two_to_the_smallest(values, expected):
     assert report_html.column_decimals(values) == expected
 
 

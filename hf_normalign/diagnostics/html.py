@@ -197,17 +197,18 @@ def glossary(terms: Iterable[str]) -> str:
 
 
 def column_decimals(values: Iterable[Any], significant: int = 3, most: int = 4) -> int:
-    """Decimals that give the column's largest finite magnitude ``significant`` digits (0..``most``);
-    one count for the whole column, so its decimal points line up.
+    """One count of decimals for a whole column, so its decimal points line up: enough for ``significant``
+    digits of the largest finite magnitude and two of the smallest non-zero one (0..``most``).
 
     Example:
-        >>> column_decimals([84.2, 1.5]), column_decimals([0.6363, 0.12]), column_decimals([150.0, 2.0])
-        (1, 3, 0)
+        >>> column_decimals([84.2, 1.5]), column_decimals([0.6363, 0.12]), column_decimals([159.4, 1.2])
+        (1, 3, 1)
     """
     finite = [abs(float(v)) for v in values if isinstance(v, (int, float)) and math.isfinite(v) and v != 0]
     if not finite:
         return 0
-    return min(most, max(0, significant - 1 - math.floor(math.log10(max(finite)))))
+    need = max(significant - 1 - math.floor(math.log10(max(finite))), 1 - math.floor(math.log10(min(finite))))
+    return min(most, max(0, need))
 
 
 def format_fixed(value: Any, decimals: int) -> str | None:

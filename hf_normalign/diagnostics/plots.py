@@ -222,7 +222,7 @@ def plot_norms(profiles: Mapping[str, Any]) -> Any:
             ax.plot(p.layers, mean, **_line(s, ls))
             _band(ax, p.layers, mean, std, s["color"])
             log = log and _positive(mean)
-        ax_ratio.plot(p.layers, p.norm_ratio, **_line(s), label=name)
+        ax_ratio.plot(p.layers, p.norm_ratio, **_line(s))
     if log:
         plain_log_axis(ax)
     ax_ratio.axhline(1.0, color="grey", lw=0.8)
@@ -235,7 +235,7 @@ def plot_norms(profiles: Mapping[str, Any]) -> Any:
         "L2 norm",
         _legend(styles, {"vision": _VISION, "text": _TEXT}),
     )
-    finish(ax_ratio, "Norm ratio vision / text", LAYER_AXIS, "ratio (1 = same norm)")
+    finish(ax_ratio, "Norm ratio vision / text", LAYER_AXIS, "ratio (1 = same norm)", _legend(styles, {}))
     return fig
 
 
