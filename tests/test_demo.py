@@ -121,7 +121,7 @@ def test_spread_sentence_names_only_differences_beyond_the_spread():
     }
     sentence = spread_sentence({"variants": rows, "seeds": [0, 1, 2]})
     assert sentence == (
-        "Over 3 seeds, differences to baseline larger than the two spreads added: ln MIR -2.40; moca loss -0.100. "
+        "Over 3 seeds, differences to baseline larger than the two spreads added: ln MIR -2.400; moca loss -0.100. "
         "All other differences are within the spread."
     )
     assert spread_sentence({"variants": {k: {"mir": r["mir"]} for k, r in rows.items()}}) == ""  # one seed

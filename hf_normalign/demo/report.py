@@ -41,9 +41,9 @@ COLUMNS: dict[str, tuple[str, str, str | None]] = {
     "shape_accuracy": ("shape", ".3f", "max"),
     "position_accuracy": ("position", ".3f", "max"),
     "unseen_content_accuracy": ("unseen", ".3f", "max"),
-    "mir": ("MIR", ".2f", "min"),
+    "mir": ("MIR", ".3f", "min"),
     "norm_ratio_input": ("|v|/|t| in", ".1f", "one"),
-    "vision_update_cos_mean": ("cos v", ".3f", None),
+    "vision_update_cos_mean": ("cos v", ".4f", None),  # 4 decimals: 0.9998 vs 1 is the inertia
     "train_seconds": ("train s", ".1f", None),
 }
 # The columns the spread sentence compares (the headline numbers).
@@ -102,7 +102,7 @@ def spread_sentence(results: Mapping[str, Any], reference: str = "baseline") -> 
     Example:
         >>> rows = {"baseline": {"mir": 3.0, "std": {"mir": 0.1}}, "ln": {"mir": 0.6, "std": {"mir": 0.05}}}
         >>> spread_sentence({"variants": rows, "seeds": [0, 1, 2]}).split(": ")[1]
-        'ln MIR -2.40. All other differences are within the spread.'
+        'ln MIR -2.400. All other differences are within the spread.'
     """
     variants = results["variants"]
     if reference not in variants or _std(variants[reference], SPREAD_KEYS[-1]) is None:
