@@ -145,6 +145,12 @@ def _demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="the small run (under 3 minutes on 2 CPU cores)")
     p.add_argument("--out", type=output_dir, default="normalign-demo", help="output folder (default: normalign-demo)")
     p.add_argument("--seed", type=int, default=0, help="seed of data, models, batches (default 0)")
+    p.add_argument(
+        "--seeds",
+        type=positive_int,
+        default=None,
+        help="runs with seeds seed, seed+1, ... (default 3; --quick: 1)",
+    )
     p.add_argument("--steps", type=positive_int, default=None, help="stage-1 steps per variant (default: the preset's)")
     p.add_argument("--threads", type=positive_int, default=1, help="torch intra-op threads (default 1: fastest here)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

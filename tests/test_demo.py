@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import statistics
 import subprocess
 import sys
 
 import pytest
 import torch
+from browser import assert_readable, require_chromium
+from plot_pixels import pixels_of, render
 
 import hf_normalign as normalign
 from hf_normalign.demo import VARIANTS, DemoConfig, run_demo
@@ -23,6 +27,8 @@ from hf_normalign.demo.data import (
 )
 from hf_normalign.demo.experiment import batch_order, encode
 from hf_normalign.demo.models import NUM_IMAGE_TOKENS, build_model, build_processor, vision_feature_norm
+from hf_normalign.demo.report import format_table, plot_training, spread_sentence
+from hf_normalign.diagnostics import plots
 
 # Every number a variant must report, finite.
 METRICS = (
@@ -55,6 +61,73 @@ def test_report_and_table_name_every_variant(demo):
         assert name in page
         assert any(line.startswith(name) for line in demo.table.splitlines())
     assert page.count("data:image/png;base64,") >= 5  # examples, training curves, norms, update rate, MIR
+    for href in ("examples.png", "training.png", "diagnostics/norms.png", "diagnostics/report.html"):
+        assert f'href="{href}"' in page and (demo.out_dir / href).exists()
+    assert 'href="../report.html"' in (demo.out_dir / "diagnostics" / "report.html").read_text(encoding="utf-8")
+    for term in ("GWC", "MoCa", "PRe", "FID", "MIR", "layer numbering", "final norm", "units"):
+        assert f"<dt>{term}</dt>" in page, term
+    assert "One seed: each number is one run, and no spread was measured" in page
+    assert "±" not in demo.table  # one seed: plain numbers
+
+
+@pytest.mark.slow
+def test_every_variant_is_drawn_in_the_training_plot(demo):
+    fig = plot_training(demo.results)
+    image = render(fig)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == list(VARIANTS)
+    for name, style in plots.variant_styles(list(VARIANTS)).items():
+        assert pixels_of(image, ax, style["color"]) > 20, name
+        assert pixels_of(image, ax.get_legend(), style["color"]) > 5, name
+    plots.pyplot().close(fig)
+
+
+@pytest.mark.slow
+def test_demo_report_renders_in_headless_chromium(demo, tmp_path):
+    browser = require_chromium()
+    assert_readable(browser, demo.report, tmp_path)
+    assert_readable(browser, demo.out_dir / "diagnostics" / "report.html", tmp_path)
+
+
+@pytest.mark.slow
+def test_seeds_give_mean_and_std_of_the_single_seed_runs(tmp_path):
+    """Two seeds in one run = the two one-seed runs, averaged (std with n - 1), and the table says so."""
+    two = run_demo(dataclasses.replace(TINY, seeds=2), tmp_path / "two", progress=False, log=None)
+    singles = [
+        run_demo(dataclasses.replace(TINY, seed=s), tmp_path / f"seed{s}", progress=False, log=None).results
+        for s in (0, 1)
+    ]
+    assert two.results["seeds"] == [0, 1]
+    for name, row in two.results["variants"].items():
+        for key in ("caption_loss", "content_accuracy", "mir"):
+            values = [r["variants"][name][key] for r in singles]
+            assert row["per_seed"][key] == pytest.approx(values, abs=1e-6)
+            assert row[key] == pytest.approx(statistics.mean(values), abs=1e-6)
+            assert row["std"][key] == pytest.approx(statistics.stdev(values), abs=1e-6)
+        assert row["samples"] == singles[0]["variants"][name]["samples"]  # examples: the first seed's
+    baseline = two.results["variants"]["baseline"]
+    expected = f"{baseline['caption_loss']:.3f} ± {baseline['std']['caption_loss']:.3f}"
+    assert next(line for line in two.table.splitlines() if line.startswith("baseline")).split()[1:4] == (
+        expected.split())  # fmt: skip
+    assert (two.out_dir / "diagnostics-seed1" / "report.html").exists()
+    assert "Over 2 seeds" in two.report.read_text(encoding="utf-8")
+
+
+def test_spread_sentence_names_only_differences_beyond_the_spread():
+    rows = {
+        "baseline": {"caption_loss": 0.50, "mir": 3.0, "std": {"caption_loss": 0.02, "mir": 0.1}},
+        "ln": {"caption_loss": 0.53, "mir": 0.6, "std": {"caption_loss": 0.02, "mir": 0.05}},  # 0.03 < 0.04
+        "moca": {"caption_loss": 0.40, "mir": 3.1, "std": {"caption_loss": 0.01, "mir": 0.1}},  # 0.10 > 0.03
+    }
+    sentence = spread_sentence({"variants": rows, "seeds": [0, 1, 2]})
+    assert sentence == (
+        "Over 3 seeds, differences to baseline larger than the two spreads added: ln MIR -2.400; moca loss -0.100. "
+        "All other differences are within the spread."
+    )
+    assert spread_sentence({"variants": {k: {"mir": r["mir"]} for k, r in rows.items()}}) == ""  # one seed
+    close = {k: {**r, "std": {"caption_loss": 1.0, "mir": 5.0}} for k, r in rows.items()}
+    assert "no difference to baseline exceeds" in spread_sentence({"variants": close, "seeds": [0, 1]})
+    assert "± 0.020" in format_table({"variants": rows, "seeds": [0, 1, 2]})
 
 
 @pytest.mark.slow
@@ -106,7 +179,7 @@ def test_cli_help():
     out = subprocess.run(
         [sys.executable, "-m", "hf_normalign", "demo", "--help"], capture_output=True, text=True, check=True
     )
-    for flag in ("--quick", "--out", "--seed", "--steps"):
+    for flag in ("--quick", "--out", "--seed", "--seeds", "--steps"):
         assert flag in out.stdout
 
 
@@ -162,7 +235,13 @@ def test_batch_order_is_shared_and_covers_epochs():
     assert len(order) == 5 and all(len(b) == 4 for b in order)
 
 
-@pytest.mark.parametrize("bad", [{"steps": 0}, {"train_images": 4, "batch_size": 8}, {"probe_samples": 1}])
+def test_presets_seeds():
+    assert DemoConfig.quick().seeds == 1 and DemoConfig.full().seeds == 3
+
+
+@pytest.mark.parametrize(
+    "bad", [{"steps": 0}, {"train_images": 4, "batch_size": 8}, {"probe_samples": 1}, {"seeds": 0}]
+)
 def test_config_rejects_impossible_budgets(bad):
     with pytest.raises(ValueError):
         DemoConfig.quick(**bad)

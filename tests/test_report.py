@@ -2,16 +2,17 @@
 every number shown, N models overlaid, and the `normalign report` command line."""
 
 import base64
-import io
 import json
 import re
-import shutil
-import subprocess
+import struct
 from html.parser import HTMLParser
 
 import numpy as np
 import pytest
+import torch
+from browser import assert_readable, require_chromium
 from PIL import Image
+from plot_pixels import pixels_of, render
 
 import hf_normalign
 from hf_normalign import cli
@@ -20,7 +21,7 @@ from hf_normalign.diagnostics.degradation import DegradationResult
 from hf_normalign.diagnostics.keyspace import KeySpaceResult
 from hf_normalign.diagnostics.mir_math import MIRResult
 from hf_normalign.diagnostics.profile import ModalityProfile
-from hf_normalign.diagnostics.report import METRICS, build_report, format_number
+from hf_normalign.diagnostics.report import METRICS, build_report, coincidence_note
 from hf_normalign.testing import tiny_model, tiny_processor
 
 _VOID = {"meta", "img", "br", "hr", "link", "input"}
@@ -33,22 +34,32 @@ class _Page(HTMLParser):
 
     def __init__(self):
         super().__init__()
-        self.stack, self.images, self.cells, self.errors = [], [], [], []
-        self._cell = None
+        self.stack, self.images, self.cells, self.errors, self.rows, self.metas = [], [], [], [], [], []
+        self._cell, self._href, self._class = None, None, ""
 
     def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
         if tag == "img":
-            self.images.append(dict(attrs))
+            self.images.append({**attrs, "link": self._href, "in_figure": "figure" in self.stack})
+        elif tag == "meta":
+            self.metas.append(attrs)
         elif tag not in _VOID:
             self.stack.append(tag)
+        if tag == "a":
+            self._href = attrs.get("href")
+        if tag == "tr":
+            self.rows.append([])
         if tag == "td":
-            self._cell = ""
+            self._cell, self._class = "", attrs.get("class") or ""
 
     def handle_endtag(self, tag):
         if not self.stack or self.stack.pop() != tag:
             self.errors.append(f"unbalanced </{tag}>")
+        if tag == "a":
+            self._href = None
         if tag == "td":
             self.cells.append(self._cell)
+            self.rows[-1].append((self._cell, self._class))
             self._cell = None
 
     def handle_data(self, data):
@@ -85,9 +96,14 @@ def test_html_parses_and_embeds_every_plot(report):
     assert sorted(img["data-file"] for img in page.images) == pngs
     for img in page.images:  # self-contained: the embedded bytes are the PNG file
         prefix = "data:image/png;base64,"
-        assert img["src"].startswith(prefix) and img["alt"]
-        assert base64.b64decode(img["src"][len(prefix) :]) == (report.out_dir / img["data-file"]).read_bytes()
+        assert img["src"].startswith(prefix) and len(img["alt"]) > 30  # alt: the caption, not a file stem
+        data = base64.b64decode(img["src"][len(prefix) :])
+        assert data == (report.out_dir / img["data-file"]).read_bytes()
+        width, height = struct.unpack(">II", data[16:24])  # PNG header: drawn at 2x, shown at half size
+        assert (int(img["width"]), int(img["height"])) == (width // 2, height // 2)
+        assert img["link"] == img["data-file"] and img["in_figure"]  # links to the full-size file
     assert 'src="http' not in report.html.read_text() and "<script" not in report.html.read_text()
+    assert {"name": "viewport", "content": "width=device-width, initial-scale=1"} in page.metas
 
 
 def test_every_png_decodes_to_a_non_blank_image(report):
@@ -110,8 +126,10 @@ def _json_numbers(value, out):
     elif isinstance(value, list):
         for v in value:
             _json_numbers(v, out)
-    elif (isinstance(value, (int, float)) and not isinstance(value, bool)) or value in ("nan", "inf", "-inf"):
-        out.add(format_number(value))
+    elif (isinstance(value, int) and not isinstance(value, bool)) or value in ("nan", "inf", "-inf"):
+        out.add(str(value))
+    elif isinstance(value, float):
+        out.update(f"{value:.{d}f}" for d in range(7))
     return out
 
 
@@ -125,7 +143,7 @@ def test_json_is_strict_and_carries_every_number_shown(report):
     numbers = _json_numbers(data, set())
     page = _Page()
     page.feed(report.html.read_text(encoding="utf-8"))
-    shown = [c.strip() for c in page.cells if re.fullmatch(r"-?[\d.]+(e[-+]\d+)?|nan|-?inf", c.strip())]
+    shown = [c.strip() for c in page.cells if re.fullmatch(r"-?[\d.]+|nan|-?inf", c.strip())]
     assert len(shown) > 100
     missing = sorted(set(shown) - numbers)
     assert not missing, f"shown in the HTML but not in report.json: {missing[:10]}"
@@ -139,7 +157,8 @@ def test_json_is_strict_and_carries_every_number_shown(report):
 def test_models_are_overlaid_and_the_aligned_model_closes_the_norm_gap(report):
     profiles = {name: res["profile"] for name, res in report.results.items()}
     fig = plots.plot_norms(profiles)
-    assert len(fig.axes[0].get_lines()) == 2 * len(profiles)  # vision + text per model
+    data_lines = [line for line in fig.axes[0].get_lines() if line.get_marker() not in (None, "None", "")]
+    assert len(data_lines) == 2 * len(profiles)  # vision + text per model (the band edges have no markers)
     assert len(fig.axes[0].get_legend().get_texts()) == len(profiles) + 2
     base, aligned = report.summary["base"], report.summary["aligned"]
     assert abs(np.log(aligned["norm_ratio_input"])) < abs(np.log(base["norm_ratio_input"]))
@@ -178,16 +197,72 @@ def test_errors(tmp_path):
         build_report({"m": pair[0]}, tmp_path)
 
 
+def _decimals(cell):
+    return len(cell.split(".")[1]) if "." in cell else 0
+
+
+def test_summary_has_fixed_decimals_per_row_and_marks_the_best(report):
+    page = _Page()
+    page.feed(report.html.read_text(encoding="utf-8"))
+    names = list(report.summary)
+    rows = {r[0][0]: r[1:] for r in page.rows if r and r[0][0].startswith(("MIR", "norm ratio vision/text, LLM"))}
+    mir_row = rows["MIR (lower = better integrated)"]
+    assert len({_decimals(c) for c, _ in mir_row}) == 1  # one number of decimals across the models
+    best_mir = min(names, key=lambda n: report.summary[n]["mir"])
+    assert [n for n, (_, cls) in zip(names, mir_row, strict=True) if "best" in cls] == [best_mir]
+    ratio_row = rows["norm ratio vision/text, LLM input"]  # best = closest to 1, on a log scale
+    closest = min(names, key=lambda n: abs(np.log(report.summary[n]["norm_ratio_input"])))
+    assert [n for n, (_, cls) in zip(names, ratio_row, strict=True) if "best" in cls] == [closest]
+
+
+def test_glossary_and_captions_explain_the_names(report):
+    text = report.html.read_text(encoding="utf-8")
+    glossary = text[text.index('<section id="glossary">') :]
+    for term in ("FID", "MIR", "layer numbering", "final norm", "MMD²", "JSD", "units"):
+        assert f"<dt>{term}</dt>" in glossary, term
+    assert text.count("<figcaption>") == len(report.plots)
+    assert 'href="../report.html"' not in text  # links only when asked for
+
+
+def test_every_model_stays_visible_where_curves_coincide():
+    """Three identical profiles and one apart: every model's colour is drawn inside the axes (not only in the
+    legend), every legend entry is drawn, and the caption names the three that coincide."""
+    from hf_normalign.diagnostics.profile import profile_from_features
+
+    g = torch.Generator().manual_seed(0)
+    feats = [torch.randn(30, 8, generator=g) * (1 + k) for k in range(3)]
+    text = [torch.randn(20, 8, generator=g) for _ in range(3)]
+    same = profile_from_features(feats, text)
+    apart = profile_from_features([f * 3 for f in feats], text)
+    profiles = {"baseline": same, "moca": same, "pre": same, "aligned": apart}
+    styles = plots.variant_styles(list(profiles))
+    for fig in (plots.plot_norms(profiles), plots.plot_update_rate(profiles)):
+        image = render(fig)
+        for ax in fig.axes:
+            legend = ax.get_legend()
+            if legend is None:
+                continue
+            labels = [t.get_text() for t in legend.get_texts()]
+            assert labels[: len(profiles)] == list(profiles)
+            for name, style in styles.items():
+                assert pixels_of(image, ax, style["color"]) > 50, (name, ax.get_title())
+                assert pixels_of(image, legend, style["color"]) > 5, (name, "legend")
+        plots.pyplot().close(fig)
+    note = coincidence_note({n: p.to_dict() for n, p in profiles.items()}, ("vision_norm_mean", "norm_ratio"))
+    assert note.startswith("baseline, moca and pre coincide")
+
+
+def test_coinciding_is_relative_to_the_span():
+    # span 10: 1% = 0.1. a/b differ by 0.05 (coincide), c by 0.5 from a (apart); d has another length.
+    series = {"a": [0.0, 10.0], "b": [0.05, 10.0], "c": [0.5, 10.0], "d": [0.0]}
+    assert plots.coinciding(series) == [["a", "b"]]
+    assert plots.coinciding({"a": [1.0, float("nan")], "b": [1.0, float("nan")]}) == [["a", "b"]]
+    assert plots.coinciding({"a": [1.0, 2.0], "b": [1.0, float("inf")]}) == []
+    results = {"a": {"mmd2": [0.0, 1.0], "jsd": [0.0, 1.0]}, "b": {"mmd2": [0.0, 1.0], "jsd": [0.5, 1.0]}}
+    assert coincidence_note(results, ("mmd2",)).startswith("a and b coincide")
+    assert coincidence_note(results, ("mmd2", "jsd")) == ""  # they must coincide in every curve
+
+
 def test_renders_in_headless_chromium(report, tmp_path):
-    browser = next(
-        (shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None
-    )
-    if browser is None:
-        pytest.skip("no chromium on this machine")
-    shot = tmp_path / "shot.png"
-    subprocess.run([browser, "--headless", "--disable-gpu", "--no-sandbox", f"--screenshot={shot}",
-                    "--window-size=1280,2400", report.html.as_uri()], check=True, timeout=120,
-                   capture_output=True)  # fmt: skip
-    arr = np.asarray(Image.open(io.BytesIO(shot.read_bytes())).convert("RGB"), dtype=np.int16)
-    colours = (arr[..., 0].astype(np.int32) << 16) | (arr[..., 1].astype(np.int32) << 8) | arr[..., 2]
-    assert len(np.unique(colours)) > 50  # text, tables and plots were drawn
+    browser = require_chromium()
+    assert_readable(browser, report.html, tmp_path)

@@ -2,12 +2,14 @@
 
 A synthetic captioning task (:mod:`.data`), a real LLaVA with a loud vision tower and a text-pre-trained
 LLM (:mod:`.models`), stage-1 alignment of six variants with the same seed and budget, and the held-out
-results, diagnostics and a checkpoint round trip (:mod:`.experiment`), written to a report (:mod:`.report`).
+results (mean ± std over seeds), diagnostics and a checkpoint round trip (:mod:`.experiment`), written to a
+report (:mod:`.report`).
 
 Command line::
 
     normalign demo --quick              # under 3 minutes on 2 CPU cores
-    normalign demo --out my-demo        # the full run, under 15 minutes
+    normalign demo --out my-demo        # the full run: 3 seeds, mean ± std
+    normalign demo --quick --seeds 3    # quick, with a spread over 3 seeds
     python -m hf_normalign demo --seed 1 --steps 400
 
 Python::
@@ -26,11 +28,11 @@ import time
 
 from .experiment import VARIANTS, DemoConfig, DemoResult, run_demo
 
-__all__ = ["VARIANTS", "DemoConfig", "DemoResult", "register", "run_demo"]
+__all__ = ["VARIANTS", "DemoConfig", "DemoResult", "run_demo"]
 
 
 def _main(args: argparse.Namespace) -> int:
-    overrides = {"seed": args.seed} | ({"steps": args.steps} if args.steps is not None else {})
+    overrides = {"seed": args.seed} | {k: v for k, v in (("steps", args.steps), ("seeds", args.seeds)) if v is not None}
     config = DemoConfig.quick(**overrides) if args.quick else DemoConfig.full(**overrides)
     start = time.perf_counter()
     result = run_demo(config, args.out, num_threads=args.threads, progress=not args.no_progress)

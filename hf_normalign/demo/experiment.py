@@ -12,7 +12,9 @@ Steps (all offline, CPU):
    combinations only;
 5. diagnostics with the library's own code (:func:`~hf_normalign.diagnostics.report.build_report`): norm and
    update-rate profiles and MIR, on a probe of held-out images paired with unrelated text passages;
-6. the "all three" model is saved with ``save_pretrained`` and reloaded with ``normalign.from_pretrained``;
+6. steps 1-5 once per seed (``DemoConfig.seeds``: 3 in the full run, 1 with ``--quick``); the tables show
+   mean ± std over seeds, the examples, curves and plots the first seed's;
+7. the "all three" model (first seed) is saved with ``save_pretrained`` and reloaded with ``normalign.from_pretrained``;
    its held-out logits must be equal (``torch.equal``) to the in-memory model's.
 
 Example:
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import datetime
 import importlib.util
 import math
 import time
@@ -54,7 +57,7 @@ from .models import ModelSizes, build_model, build_processor, pretrain_language_
 if TYPE_CHECKING:
     from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-__all__ = ["VARIANTS", "DemoConfig", "DemoResult", "evaluate", "run_demo", "train_stage1"]
+__all__ = ["VARIANTS", "DemoConfig", "DemoResult", "aggregate_seeds", "evaluate", "run_demo", "train_stage1"]
 
 # Variant name -> the patch applied before stage-1 (None: the plain model).
 VARIANTS: dict[str, NormAlignConfig | None] = {
@@ -91,10 +94,11 @@ class DemoConfig:
     max_grad_norm: float = 1.0
     probe_samples: int = 64  # held-out images (each with a text passage) for MIR and the profiles
     eval_batch_size: int = 64
+    seeds: int = 3  # whole runs with seeds seed, seed + 1, ...: the tables show mean ± std over them
     sizes: ModelSizes = field(default_factory=ModelSizes)
 
     def __post_init__(self) -> None:
-        for name in ("steps", "lm_steps", "batch_size", "lm_lines"):
+        for name in ("steps", "lm_steps", "batch_size", "lm_lines", "seeds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DemoConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.train_images < self.batch_size:
@@ -107,14 +111,14 @@ class DemoConfig:
 
     @classmethod
     def full(cls, **overrides: Any) -> DemoConfig:
-        """The full run (under 15 minutes on 2 CPU cores)."""
+        """The full run: 3 seeds (about 7 minutes of CPU time per seed on 2 CPU cores)."""
         return cls(**overrides)
 
     @classmethod
     def quick(cls, **overrides: Any) -> DemoConfig:
-        """``--quick`` (under 3 minutes on 2 CPU cores): fewer images and steps, same model."""
+        """``--quick`` (under 3 minutes on 2 CPU cores): fewer images and steps, same model, one seed."""
         return cls(**{"train_images": 2000, "heldout_images": 256, "lm_lines": 3000, "lm_steps": 300,
-                      "steps": 200, "probe_samples": 32, **overrides})  # fmt: skip
+                      "steps": 200, "probe_samples": 32, "seeds": 1, **overrides})  # fmt: skip
 
 
 @dataclass
@@ -331,7 +335,8 @@ def run_demo(
     progress: bool = True,
     log: Callable[[str], None] | None = print,
 ) -> DemoResult:
-    """Run the whole demo and write ``report.html``, ``results.json``, ``diagnostics/`` and ``checkpoint/``.
+    """Run the whole demo and write ``report.html``, ``results.json``, ``diagnostics/`` and ``checkpoint/``
+    (and ``diagnostics-seed<N>/`` for every seed after the first).
 
     Args:
         config: sizes and budgets (default :meth:`DemoConfig.full`).
@@ -363,79 +368,31 @@ def run_demo(
     if num_threads is not None:
         torch.set_num_threads(num_threads)
     times: dict[str, float] = {}
+    seeds = [config.seed + k for k in range(config.seeds)]
     try:
-        with _timed(times, "data"):
-            split = make_splits(config.seed, config.train_images, config.heldout_images)
-            processor = build_processor(build_tokenizer())
-            train = encode(processor, split.train)
-            heldout = encode(processor, split.heldout, split.unseen_combinations)
-        say(f"data: {len(train)} train / {len(heldout)} held-out images "
-            f"({int(heldout.unseen.sum())} of unseen combinations)")  # fmt: skip
-
-        with _timed(times, "text pre-training"):
-            base = build_model(processor.tokenizer, seed=config.seed, sizes=config.sizes)
-            lm_losses = pretrain_language_model(
-                base,
-                processor.tokenizer,
-                pretraining_corpus(config.seed, config.lm_lines),
-                steps=config.lm_steps,
-                batch_size=config.batch_size,
-                seed=config.seed,
-                progress=progress,
-            )
-        scales = _scales(base, heldout)
-        say(f"LLM pre-trained on text: loss {lm_losses[0]:.2f} -> {_tail_mean(lm_losses):.2f}; text embedding "
-            f"norm {scales['text_embedding_norm']:.3f}, vision features {scales['vision_feature_norm']:.1f}, "
-            f"projector output at init {scales['projector_output_norm']:.1f}")  # fmt: skip
-
-        order = batch_order(len(train), config.batch_size, config.steps, config.seed)
-        models: dict[str, Any] = {}
-        variant_results: dict[str, dict[str, Any]] = {}
-        for i, name in enumerate(names):
-            model = patched_copy(base, VARIANTS[name], config.seed)
-            desc = f"stage-1 [{i + 1}/{len(names)}] {name}"
-            with _timed(times, f"stage-1 {name}"):
-                history = train_stage1(model, train, order, config, desc=desc, progress=progress)
-            seconds = times[f"stage-1 {name}"]
-            with _timed(times, "evaluation"):
-                metrics = evaluate(model, heldout, config.eval_batch_size)
-            models[name] = model
-            variant_results[name] = {
-                "methods": VARIANTS[name].to_dict() if VARIANTS[name] is not None else None,
-                **metrics,
-                "train_seconds": seconds,
-                "train_loss_final": _tail_mean(history["loss"]),
-                "history": history,
-            }
-            say(f"{desc}: held-out caption loss {metrics['caption_loss']:.3f}, content accuracy "
-                f"{metrics['content_accuracy']:.3f} ({seconds:.0f} s)")  # fmt: skip
-
-        examples = split.heldout[:NUM_EXAMPLES]
-        example_images = [s.image() for s in examples]
-        with _timed(times, "evaluation"):
-            for name, model in models.items():
-                variant_results[name]["samples"] = generate_captions(model, processor, example_images)
-
-        say(f"diagnostics: MIR and norm / update-rate profiles of {len(models)} variants on {config.probe_samples} "
-            "held-out images with text passages")  # fmt: skip
-        with _timed(times, "diagnostics"):
-            diagnostics = _diagnostics(models, processor, split, config, out / "diagnostics")
-        for name, numbers in diagnostics.items():
-            variant_results[name].update(numbers)
-
+        runs = []
+        for k, seed in enumerate(seeds):
+            if len(seeds) > 1:
+                say(f"--- seed {seed} ({k + 1}/{len(seeds)}) ---")
+            runs.append(_run_seed(dataclasses.replace(config, seed=seed), names, out, times, k == 0, progress, say))
+        first = runs[0]
+        models, processor = first["models"], first["processor"]
         with _timed(times, "checkpoint"):
             checkpoint = out / "checkpoint"
-            check = _checkpoint_roundtrip(models[SAVED_VARIANT], processor, heldout, checkpoint)
+            check = _checkpoint_roundtrip(models[SAVED_VARIANT], processor, first["heldout"], checkpoint)
         say(f"checkpoint: saved '{SAVED_VARIANT}' to {checkpoint}, reloaded with normalign.from_pretrained: "
             f"logits on {check['batch_size']} held-out samples {'EQUAL' if check['equal'] else 'DIFFERENT'} "
             f"(max |diff| {check['max_abs_diff']:.3g})")  # fmt: skip
 
+        heldout, split = first["heldout"], first["split"]
         results = {
             "config": dataclasses.asdict(config),
-            "variants": variant_results,
-            "base": {"text_pretraining_loss": lm_losses, **scales},
+            "seeds": seeds,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "variants": aggregate_seeds([run["variants"] for run in runs]),
+            "base": first["base"],
             "data": {
-                "train_images": len(train),
+                "train_images": first["train_images"],
                 "heldout_images": len(heldout),
                 "heldout_unseen_combination_images": int(heldout.unseen.sum()),
                 "unseen_combinations": sorted(" ".join(c) for c in split.unseen_combinations),
@@ -443,17 +400,130 @@ def run_demo(
             },
             "checkpoint": {"variant": SAVED_VARIANT, "path": str(checkpoint), **check},
             "examples": [
-                {"caption": s.caption, "unseen": s.combination in split.unseen_combinations} for s in examples
+                {"caption": s.caption, "unseen": s.combination in split.unseen_combinations} for s in first["examples"]
             ],
             "timing_seconds": times,
             "environment": _environment(),
         }
         table = format_table(results)
-        report, results_json = write_report(results, out, example_images)
+        report, results_json = write_report(results, out, first["example_images"])
         say(f"\n{table}\n\nreport: {report}\nresults: {results_json}")
         return DemoResult(out, report, results_json, checkpoint, results, table, models, processor, check["equal"])
     finally:
         torch.set_num_threads(threads)
+
+
+def _run_seed(
+    config: DemoConfig,
+    names: Sequence[str],
+    out: Path,
+    times: dict[str, float],
+    first: bool,
+    progress: bool,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    """One whole run with ``config.seed``: data, base model, stage-1 of every variant, held-out metrics,
+    diagnostics (to ``out/diagnostics``, or ``out/diagnostics-seed<N>`` after the first seed), and for the
+    first seed the example captions. Phase times are added to ``times``."""
+    with _timed(times, "data"):
+        split = make_splits(config.seed, config.train_images, config.heldout_images)
+        processor = build_processor(build_tokenizer())
+        train = encode(processor, split.train)
+        heldout = encode(processor, split.heldout, split.unseen_combinations)
+    say(f"data: {len(train)} train / {len(heldout)} held-out images "
+        f"({int(heldout.unseen.sum())} of unseen combinations)")  # fmt: skip
+
+    with _timed(times, "text pre-training"):
+        base = build_model(processor.tokenizer, seed=config.seed, sizes=config.sizes)
+        lm_losses = pretrain_language_model(
+            base,
+            processor.tokenizer,
+            pretraining_corpus(config.seed, config.lm_lines),
+            steps=config.lm_steps,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            progress=progress,
+        )
+    scales = _scales(base, heldout)
+    say(f"LLM pre-trained on text: loss {lm_losses[0]:.2f} -> {_tail_mean(lm_losses):.2f}; text embedding "
+        f"norm {scales['text_embedding_norm']:.3f}, vision features {scales['vision_feature_norm']:.1f}, "
+        f"projector output at init {scales['projector_output_norm']:.1f}")  # fmt: skip
+
+    order = batch_order(len(train), config.batch_size, config.steps, config.seed)
+    models: dict[str, Any] = {}
+    variant_results: dict[str, dict[str, Any]] = {}
+    for i, name in enumerate(names):
+        model = patched_copy(base, VARIANTS[name], config.seed)
+        desc = f"stage-1 [{i + 1}/{len(names)}] {name}"
+        own: dict[str, float] = {}  # this variant's seconds alone; `times` sums over seeds
+        with _timed(own, "train"), _timed(times, f"stage-1 {name}"):
+            history = train_stage1(model, train, order, config, desc=desc, progress=progress)
+        with _timed(times, "evaluation"):
+            metrics = evaluate(model, heldout, config.eval_batch_size)
+        models[name] = model
+        variant_results[name] = {
+            "methods": VARIANTS[name].to_dict() if VARIANTS[name] is not None else None,
+            **metrics,
+            "train_seconds": own["train"],
+            "train_loss_final": _tail_mean(history["loss"]),
+            "history": history,
+        }
+        say(f"{desc}: held-out caption loss {metrics['caption_loss']:.3f}, content accuracy "
+            f"{metrics['content_accuracy']:.3f} ({own['train']:.1f} s)")  # fmt: skip
+
+    examples = split.heldout[:NUM_EXAMPLES]
+    example_images = [s.image() for s in examples]
+    if first:
+        with _timed(times, "greedy captions"):
+            for name, model in models.items():
+                variant_results[name]["samples"] = generate_captions(model, processor, example_images)
+
+    say(f"diagnostics: MIR and norm / update-rate profiles of {len(models)} variants on {config.probe_samples} "
+        "held-out images with text passages")  # fmt: skip
+    folder = out / ("diagnostics" if first else f"diagnostics-seed{config.seed}")
+    with _timed(times, "diagnostics"):
+        diagnostics = _diagnostics(models, processor, split, config, folder)
+    for name, numbers in diagnostics.items():
+        variant_results[name].update(numbers)
+    return {
+        "variants": variant_results,
+        "models": models if first else {},
+        "processor": processor,
+        "heldout": heldout,
+        "split": split,
+        "train_images": len(train),
+        "base": {"text_pretraining_loss": lm_losses, **scales},
+        "examples": examples,
+        "example_images": example_images,
+    }
+
+
+def aggregate_seeds(runs: Sequence[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Per variant: the first seed's row, its table numbers (:data:`.report.COLUMNS`) replaced by the mean
+    over seeds, with ``per_seed`` (the values) and ``std`` (sample std, n - 1). One run: returned as is.
+
+    Example:
+        >>> rows = aggregate_seeds([{"b": {"mir": 1.0}}, {"b": {"mir": 2.0}}, {"b": {"mir": 3.0}}])
+        >>> rows["b"]["mir"], rows["b"]["std"]["mir"], rows["b"]["per_seed"]["mir"]
+        (2.0, 1.0, [1.0, 2.0, 3.0])
+    """
+    from .report import COLUMNS
+
+    if len(runs) == 1:
+        return runs[0]
+    out = {}
+    for name, row in runs[0].items():
+        row = {**row, "per_seed": {}, "std": {}}
+        for key in COLUMNS:
+            values = [run[name].get(key, run[name].get("summary", {}).get(key)) for run in runs]
+            if any(v is None for v in values):
+                continue
+            mean = sum(values) / len(values)
+            row[key] = mean
+            row["per_seed"][key] = values
+            row["std"][key] = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+        out[name] = row
+    return out
 
 
 def _tail_mean(values: Sequence[float], fraction: float = 0.05) -> float:
@@ -497,7 +567,8 @@ def _diagnostics(
         num_samples=None,
         batch_size=16,
         seed=config.seed,
-        title="hf-normalign demo: diagnostics per variant",
+        title=f"hf-normalign demo: diagnostics per variant (seed {config.seed})",
+        links={"demo report": "../report.html"},
         progress=False,  # seconds only; its nested bars would interleave with the demo's log
     )
     return {

@@ -26,7 +26,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import base64
 import datetime as _dt
 import html
 import json
@@ -43,48 +42,62 @@ from tqdm.auto import tqdm
 
 from . import plots
 from .degradation import DegradationResult, visual_degradation
+from .html import GLOSSARY, Raw, best_row, column_decimals, figure, format_fixed, glossary, page, section, table
 from .keyspace import KeySpaceResult, key_space_gap
 from .profile import ModalityProfile, json_float, modality_profile
 
-__all__ = ["METRICS", "Report", "build_report"]
+__all__ = ["METRICS", "Report", "build_report", "coincidence_note", "format_number", "plot_caption"]
 
 METRICS: tuple[str, ...] = ("profile", "mir", "key_space", "degradation")
 
-# plot file stem -> (metric it needs, plotting function, caption)
-_PLOTS: dict[str, tuple[str, Callable[[Mapping[str, Any]], Any], str]] = {
+# plot file stem -> (metric it needs, plotting function, caption: what to look at, result keys whose curves
+# the plot draws, compared to name the models that coincide)
+_PLOTS: dict[str, tuple[str, Callable[[Mapping[str, Any]], Any], str, tuple[str, ...]]] = {
     "norms": (
         "profile",
         plots.plot_norms,
-        "L2 norm of vision and text tokens per layer. Vision tokens usually enter far louder than text; "
-        "a projector LayerNorm brings the ratio towards 1.",
+        "Left: L2 norm of vision (solid) and text (dashed) tokens per layer, band = ± std over tokens. Right: "
+        "their ratio. Look at layer 0: vision tokens usually enter far louder than text (ratio far above 1); a "
+        "projector LayerNorm brings the ratio towards 1. The last layer is before the final norm.",
+        ("vision_norm_mean", "text_norm_mean", "norm_ratio"),
     ),
     "update_rate": (
         "profile",
         plots.plot_update_rate,
-        "Adjacent-layer cosine similarity: close to 1 means the layer hardly changes those tokens "
-        "(representational inertia of high-norm tokens).",
+        "Mean cosine between a token's hidden state before and after each decoder layer. Vision (solid) "
+        "close to 1 while text (dashed) is lower means the layers hardly turn the vision tokens "
+        "(representational inertia of loud tokens).",
+        ("vision_update_cos", "text_update_cos"),
     ),
     "mir": (
         "mir",
         plots.plot_mir,
-        "Fréchet distance between vision and text tokens per layer; MIR = log10 of their sum (lower = better "
-        "integrated).",
+        "Fréchet distance between vision and text tokens per layer (log scale); MIR in the legend = log10 of "
+        "their sum, lower = better integrated. The last layer is after the final norm, which usually "
+        "drops the distance sharply there.",
+        ("per_layer",),
     ),
     "key_gap": (
         "key_space",
         plots.plot_key_gap,
-        "Attention keys of vision vs text tokens (solid) against random halves of one modality (the no-gap baseline).",
+        "Attention keys of vision vs text tokens (solid) against random halves of one modality (dotted, "
+        "dashed: the value with no gap). Solid far above the halves = keys separate the modalities.",
+        ("mmd2", "jsd"),
     ),
     "key_scatter": (
         "key_space",
         plots.plot_key_scatter,
-        "Vision and text keys projected on their shared first two principal components.",
+        "Vision (orange) and text (blue) keys projected on their shared first two principal components: "
+        "two separate clouds = a gap in key space.",
+        (),
     ),
     "degradation": (
         "degradation",
         plots.plot_degradation,
-        "Vision features across depth: effective dimension, redundancy, object contrast and "
-        "linearly decodable image class (dotted: chance).",
+        "Vision features across depth: effective dimension (higher = richer), redundancy (lower = better), "
+        "object contrast (above 1 = objects stay distinguishable) and linearly decodable image class "
+        "(dotted: chance). Falling curves = visual information lost with depth.",
+        ("effective_dim", "offdiag_corr", "contrast_ratio", "probe_accuracy"),
     ),
 }
 
@@ -206,6 +219,7 @@ def build_report(
     max_key_samples: int | None = 2000,
     seed: int = 0,
     title: str = "hf-normalign diagnostics",
+    links: Mapping[str, str] | None = None,
     progress: bool = True,
 ) -> Report:
     """Run the diagnostics on every model and write ``report.html``, the PNG plots and ``report.json``.
@@ -222,6 +236,7 @@ def build_report(
         max_key_samples: keys kept per modality and layer.
         seed: seed of the subsets and the samplers.
         title: heading of the HTML page.
+        links: label -> href shown in the page header, e.g. ``{"demo report": "../report.html"}``.
         progress: tqdm progress bars.
 
     Example:
@@ -261,21 +276,17 @@ def build_report(
     summary = {name: _summary(res) for name, res in results.items()}
 
     written: dict[str, Path] = {}
-    plt = plots._plt()
-    for stem, (metric, draw, _caption) in tqdm(_PLOTS.items(), desc="plots", disable=not progress, leave=False):
+    for stem, (metric, draw, *_) in tqdm(_PLOTS.items(), desc="plots", disable=not progress, leave=False):
         if metric not in chosen:
             continue
-        fig = draw({name: res[metric] for name, res in results.items()})
-        path = out / f"{stem}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written[stem] = path
+        written[stem] = out / f"{stem}.png"
+        plots.png_bytes(draw({name: res[metric] for name, res in results.items()}), written[stem])
 
     data = _json_data(models, results, summary, written, opts, title)
     json_path = out / "report.json"
     json_path.write_text(json.dumps(data, indent=1, allow_nan=False) + "\n", encoding="utf-8")
     html_path = out / "report.html"
-    html_path.write_text(_html(data, written), encoding="utf-8")
+    html_path.write_text(_html(data, written, links or {}), encoding="utf-8")
     return Report(out, html_path, json_path, written, results, summary)
 
 
@@ -316,24 +327,19 @@ def _json_data(
 # HTML
 # ----------------------------------------------------------------------------------------------------------
 
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;background:#f6f7f9;color:#1d2329}
-header{background:#1d2d44;color:#fff;padding:18px 32px}header h1{margin:0 0 4px;font-size:22px}
-header p{margin:0;opacity:.8;font-size:13px}main{max-width:1180px;margin:0 auto;padding:16px 32px 48px}
-section{background:#fff;border-radius:8px;box-shadow:0 1px 3px rgba(0,0,0,.08);margin:18px 0;padding:14px 20px}
-h2{font-size:18px;margin:4px 0 6px}p.caption{color:#4a5560;font-size:14px;margin:0 0 10px}
-img{max-width:100%;height:auto;display:block;margin:6px auto}
-table{border-collapse:collapse;font-size:12.5px;margin:8px 0}th,td{padding:3px 9px;text-align:right}
-th{background:#eef1f4;position:sticky;top:0}tr:nth-child(even) td{background:#fafbfc}
-td:first-child,th:first-child{text-align:left}details{margin:6px 0}summary{cursor:pointer;color:#2a5d9f}
-.na{color:#9aa3ab}
-"""
-
 _SECTIONS: dict[str, tuple[str, list[str]]] = {
     "profile": ("Norms and update rate", ["norms", "update_rate"]),
     "mir": ("Modality Integration Rate", ["mir"]),
     "key_space": ("Key-space gap", ["key_gap", "key_scatter"]),
     "degradation": ("Visual degradation", ["degradation"]),
+}
+
+# metric -> glossary terms its section uses
+_TERMS: dict[str, tuple[str, ...]] = {
+    "profile": ("layer numbering", "final norm", "update rate", "units"),
+    "mir": ("layer numbering", "final norm", "FID", "MIR"),
+    "key_space": ("MMD²", "JSD"),
+    "degradation": ("layer numbering",),
 }
 
 # metric -> (columns of its per-layer table: JSON key -> header), JSON key holding the layer numbers
@@ -382,9 +388,21 @@ _TABLES: dict[str, tuple[dict[str, str], str]] = {
     ),
 }
 
+# summary key -> which value is best across models ("min", "max", "one" = ratio closest to 1)
+_BEST: dict[str, str] = {
+    "mir": "min",
+    "norm_ratio_input": "one",
+    "norm_ratio_last": "one",
+    "key_mmd2_mean": "min",
+    "key_jsd_mean": "min",
+    "effective_dim_last": "max",
+    "contrast_ratio_last": "max",
+    "probe_accuracy_last": "max",
+}
+
 
 def format_number(value: Any) -> str:
-    """How the HTML shows a number: 4 significant digits, ints as is, None as a dash, "nan" as text."""
+    """How the command line prints a number: 4 significant digits, ints as is, None as a dash, "nan" as text."""
     if value is None:
         return "–"
     if isinstance(value, (bool, str, int)):
@@ -392,76 +410,121 @@ def format_number(value: Any) -> str:
     return f"{value:.4g}" if math.isfinite(value) else str(value)
 
 
-def _cell(value: Any) -> str:
-    text = html.escape(format_number(value))
-    return f'<td class="na">{text}</td>' if value is None else f"<td>{text}</td>"
-
-
-def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    body = "".join(
-        "<tr>" + "".join(_cell(v) if i else f"<td>{html.escape(str(v))}</td>" for i, v in enumerate(row)) + "</tr>"
-        for row in rows
-    )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+def _fixed_columns(columns: Sequence[Sequence[Any]]) -> list[list[Any]]:
+    """Each column formatted with one number of decimals (ints and None kept as they are)."""
+    out = []
+    for values in columns:
+        if all(v is None or isinstance(v, (int, str)) for v in values):
+            out.append(list(values))
+            continue
+        decimals = column_decimals(values)
+        out.append([format_fixed(v, decimals) for v in values])
+    return out
 
 
 def _layer_table(metric: str, result: Mapping[str, Any]) -> str:
     columns, layer_key = _TABLES[metric]
-    layers = result[layer_key]
     present = {k: h for k, h in columns.items() if result.get(k) is not None}
-    rows = [[layer, *(result[k][i] for k in present)] for i, layer in enumerate(layers)]
-    table = _table(["layer", *present.values()], rows)
+    cols = _fixed_columns([result[k] for k in present])
+    rows = [[layer, *(col[i] for col in cols)] for i, layer in enumerate(result[layer_key])]
+    out = table(["layer", *present.values()], rows)
     if metric == "profile":  # the update cosines are per decoder layer, a separate index
-        table += _table(
-            ["decoder layer", "cos vision", "cos text"],
-            zip(result["update_layers"], result["vision_update_cos"], result["text_update_cos"], strict=True),
+        vision, text = _fixed_columns([result["vision_update_cos"], result["text_update_cos"]])
+        out += table(
+            ["decoder layer", "cos vision", "cos text"], zip(result["update_layers"], vision, text, strict=True)
         )
-    return table
+    return out
 
 
-def _img(path: Path, alt: str) -> str:
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}" data-file="{html.escape(path.name)}">'
+def coincidence_note(results: Mapping[str, Mapping[str, Any]], keys: Sequence[str]) -> str:
+    """A sentence naming the models whose curves of ``keys`` coincide in a plot (empty when none do).
+
+    ``results``: model name -> the metric's ``to_dict()``. Two models coincide when every one of the
+    keys' curves does (:func:`plots.coinciding`, per key).
+    """
+    groups_per_key = []
+    for key in keys:
+        series = {n: [float(v) for v in r[key]] for n, r in results.items() if r.get(key) is not None}
+        if len(series) == len(results):
+            groups_per_key.append(plots.coinciding(series))
+    if not groups_per_key:
+        return ""
+    signature = {
+        n: tuple(next((i for i, g in enumerate(gs) if n in g), None) for gs in groups_per_key) for n in results
+    }
+    groups: dict[tuple, list[str]] = {}
+    for name, sig in signature.items():
+        if None not in sig:
+            groups.setdefault(sig, []).append(name)
+    sentences = [
+        f"{', '.join(g[:-1])} and {g[-1]} coincide here (within 1% of the axis range); their markers are nested."
+        for g in groups.values()
+        if len(g) > 1
+    ]
+    return " ".join(sentences)
+
+
+def plot_caption(stem: str, results: Mapping[str, Mapping[str, Any]]) -> str:
+    """The caption of plot ``stem`` (``"norms"``, ``"mir"``...): what to look at, plus the note naming the
+    models that coincide in it. ``results``: model name -> that plot's metric as ``to_dict()``.
+
+    Example:
+        >>> plot_caption("mir", {"a": {"per_layer": [3.0, 1.0]}, "b": {"per_layer": [3.0, 1.0]}})[-60:]
+        'a and b coincide here (within 1% of the axis range); their markers are nested.'
+    """
+    caption, keys = _PLOTS[stem][2], _PLOTS[stem][3]
+    note = coincidence_note(results, keys) if len(results) > 1 else ""
+    return f"{caption} {note}".strip()
+
+
+def _summary_table(data: Mapping[str, Any], names: Sequence[str]) -> str:
+    """Quantities as rows, models as columns: each row with one number of decimals, its best model marked."""
+    keys = [k for k in _SUMMARY_LABELS if any(k in data["models"][n]["summary"] for n in names)]
+    rows, best = [], set()
+    for i, key in enumerate(keys):
+        values = [data["models"][n]["summary"].get(key) for n in names]
+        numbers = [v if isinstance(v, (int, float)) else math.nan for v in values]
+        if key in _BEST and (j := best_row(numbers, _BEST[key])) is not None:
+            best.add((i, j + 1))
+        rows.append([_SUMMARY_LABELS[key], *_fixed_columns([values])[0]])
+    note = '<p class="caption">Underlined bold: the best model of the row, where one direction is better.</p>'
+    return table(["", *names], rows, best=best) + (note if best else "")
 
 
 def _settings_text(settings: Mapping[str, Any]) -> str:
     return "; ".join(f"{k}: {v}" for k, v in settings.items())
 
 
-def _html(data: Mapping[str, Any], written: Mapping[str, Path]) -> str:
+def _html(data: Mapping[str, Any], written: Mapping[str, Path], links: Mapping[str, str]) -> str:
     names = list(data["models"])
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{html.escape(data['title'])}</title><style>{_CSS}</style></head><body>",
-        f"<header><h1>{html.escape(data['title'])}</h1><p>"
-        + ", ".join(f"<b>{html.escape(n)}</b> ({html.escape(data['models'][n]['source'])})" for n in names)
-        + f" &middot; hf-normalign {html.escape(data['hf_normalign_version'])} &middot; {html.escape(data['created'])}"
-        "</p></header><main>",
-    ]
-    keys = [k for k in _SUMMARY_LABELS if any(k in data["models"][n]["summary"] for n in names)]
-    rows = [[_SUMMARY_LABELS[k], *(data["models"][n]["summary"].get(k) for n in names)] for k in keys]
-    parts.append(f'<section id="summary"><h2>Summary</h2>{_table(["", *names], rows)}</section>')
+    subtitle = Raw(
+        ", ".join(f"<b>{html.escape(n)}</b> ({html.escape(data['models'][n]['source'])})" for n in names)
+        + f" &middot; hf-normalign {html.escape(data['hf_normalign_version'])}"
+    )
+    parts = [section("summary", "Summary", _summary_table(data, names))]
+    terms: list[str] = []
     for metric, (heading, stems) in _SECTIONS.items():
         if not any(metric in data["models"][n] for n in names):
             continue
-        parts.append(f'<section id="{metric}"><h2>{html.escape(heading)}</h2>')
+        terms += [t for t in _TERMS[metric] if t not in terms]
+        body = []
         for stem in stems:
-            if stem in written:
-                caption = _PLOTS[stem][2]
-                parts.append(f'<p class="caption">{html.escape(caption)}</p>{_img(written[stem], caption)}')
+            if stem not in written:
+                continue
+            caption = plot_caption(stem, {n: data["models"][n][metric] for n in names})
+            name = written[stem].name
+            body.append(figure(written[stem].read_bytes(), _PLOTS[stem][2], caption, href=name, file=name))
         for n in names:
             result = data["models"][n][metric]
-            parts.append(
+            body.append(
                 f"<details><summary>{html.escape(n)}: numbers per layer</summary>"
                 f"{_layer_table(metric, result)}"
                 f'<p class="caption">{html.escape(_settings_text(result.get("settings", {})))}</p>'
                 "</details>"
             )
-        parts.append("</section>")
-    parts.append("</main></body></html>")
-    return "\n".join(parts) + "\n"
+        parts.append(section(metric, heading, *body))
+    parts.append(glossary([t for t in GLOSSARY if t in terms]))
+    return page(data["title"], subtitle, parts, links=links, created=data["created"])
 
 
 # ----------------------------------------------------------------------------------------------------------
