@@ -10,6 +10,7 @@ Example:
 """
 
 from . import diagnostics, persistence, testing
+from .build import build_vlm
 from .callbacks import MIRCallback
 from .config import MoCaConfig, NormAlignConfig, PReConfig, ProjectorNormConfig
 from .hub import push_to_hub
@@ -49,6 +50,7 @@ __all__ = [
     "__version__",
     "autoload",
     "bnb_config",
+    "build_vlm",
     "diagnostics",
     "from_pretrained",
     "get_config",
