@@ -152,7 +152,7 @@ def _by_hand_pre_grad(start, forwards, weight, accumulation):
         # The layer's output as the next layer sees it (after MoCa; hidden_states[-1] would be after the final norm).
         seen = {}
         handle = start.model.language_model.layers[layer].register_forward_hook(
-            lambda module, args, output: seen.setdefault("h", output)
+            lambda module, args, output, seen=seen: seen.setdefault("h", output)
         )
         with torch.no_grad():
             embeds = start(**inputs, output_hidden_states=True).hidden_states[0]
