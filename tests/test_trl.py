@@ -237,3 +237,31 @@ def test_tiny_processors_have_chat_template_and_save(family, tmp_path):
     assert text.endswith("assistant:") and "what is in the picture?" in text
     processor.save_pretrained(tmp_path)
     assert (tmp_path / "chat_template.jinja").read_text() == processor.chat_template
+
+
+def test_lora_resume_restores_the_plugin(tmp_path):
+    full, _ = train("sft", patched_model(), tmp_path / "a", peft=True, steps=2)
+    want = {n: p.detach().clone() for n, p in get_plugin(full.model).named_parameters()}
+    model = patched_model()
+    trainer_cls, config_cls, data = TRAINERS["sft"]
+    args = config_cls(
+        output_dir=str(tmp_path / "b"),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        bf16=False,
+        use_cpu=True,
+        report_to=[],
+        learning_rate=1e-2,
+        max_grad_norm=0.0,
+        max_length=None,
+        seed=0,
+        save_strategy="no",
+    )
+    kwargs = trl_kwargs(model, "sft", peft_config=LoraConfig(target_modules="all-linear"))
+    resumed = trainer_cls(
+        model=model, args=args, train_dataset=data(), processing_class=tiny_processor("llava"), **kwargs
+    )
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-1"))
+    got = dict(get_plugin(resumed.model).named_parameters())
+    for name, value in want.items():
+        torch.testing.assert_close(got[name].detach(), value, rtol=1e-6, atol=1e-7)
