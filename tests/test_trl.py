@@ -265,3 +265,52 @@ def test_lora_resume_restores_the_plugin(tmp_path):
     got = dict(get_plugin(resumed.model).named_parameters())
     for name, value in want.items():
         torch.testing.assert_close(got[name].detach(), value, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("peft", [False, True], ids=["full", "lora"])
+def test_grpo_trains_plugin_and_reference_is_initial_plugin(peft, tmp_path):
+    from transformers import AutoModelForImageTextToText
+    from trl import GRPOConfig, GRPOTrainer
+
+    torch.manual_seed(0)
+    tiny_model("llava").save_pretrained(tmp_path / "base")  # a plain checkpoint: TRL reloads its reference from it
+    model = normalign.patch(AutoModelForImageTextToText.from_pretrained(tmp_path / "base"), methods=METHODS)
+    initial = copy.deepcopy(get_plugin(model).state_dict())
+    start = copy.deepcopy(model).eval()
+    prompt = [{"role": "user", "content": USER}]
+    data = Dataset.from_list([{"prompt": prompt, "image": _image(i)} for i in range(4)])
+    args = GRPOConfig(
+        output_dir=str(tmp_path / "out"),
+        max_steps=1,
+        per_device_train_batch_size=4,
+        num_generations=2,
+        max_completion_length=4,
+        bf16=False,
+        use_cpu=True,
+        report_to=[],
+        learning_rate=1e-2,
+        beta=0.1,
+        seed=0,
+    )
+    kwargs = trl_kwargs(model, "grpo", peft_config=LoraConfig(target_modules="all-linear") if peft else None)
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=lambda completions, **kw: [float(len(str(c))) for c in completions],
+        args=args,
+        train_dataset=data,
+        processing_class=tiny_processor("llava"),
+        **kwargs,
+    )
+    trainer.train()
+    plugin = get_plugin(trainer.model)
+    assert not any(torch.equal(p, initial[n]) for n, p in plugin.named_parameters())
+    assert trainer.state.log_history[0]["kl"] == 0.0  # the reference equals the policy before the first step
+    batch = {k: v for k, v in normalign.testing.tiny_batch("llava").items() if k != "labels"}
+    with torch.no_grad():
+        if peft:
+            with trainer.model.disable_adapter():
+                ref_logits = trainer.model.eval()(**batch).logits
+        else:
+            assert normalign.get_config(trainer.ref_model).methods == ["projector_norm", "moca"]
+            ref_logits = trainer.ref_model(**batch).logits
+        assert torch.equal(ref_logits, start(**batch).logits)
