@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -40,7 +41,7 @@ from transformers import (
 )
 from transformers.image_utils import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-__all__ = ["CHAT_TEMPLATES", "FAMILIES", "PROJECTORS", "build_from_config", "build_vlm"]
+__all__ = ["CHAT_TEMPLATES", "FAMILIES", "PROJECTORS", "build_from_config", "build_vlm", "materialize"]
 
 FAMILIES: tuple[str, ...] = ("llava", "llava_next", "llava_onevision")
 PROJECTORS: dict[str, str] = {"mlp2x_gelu": "gelu"}  # LLaVA-1.5 name -> activation between the two Linears
@@ -366,3 +367,30 @@ def build_from_config(section: Mapping[str, Any]) -> tuple[PreTrainedModel, Proc
             raise ValueError(f"build: dtype {dtype!r} is not a torch dtype (e.g. bfloat16, float32)")
         options["dtype"] = getattr(torch, dtype)
     return build_vlm(options.pop("vision_model"), options.pop("language_model"), **options)
+
+
+def materialize(section: Mapping[str, Any]) -> str:
+    """Build the VLM a recipe's ``build:`` section describes and save it (model + processor) to its ``save_dir``;
+    a ``save_dir`` that already holds a model is reused (building is seeded, so it would be the same). Returns
+    ``save_dir``, which the recipe then loads like any ``model_name_or_path``.
+
+    Example (YAML)::
+
+        build:
+          vision_model: openai/clip-vit-large-patch14-336
+          language_model: lmsys/vicuna-7b-v1.5
+          dtype: bfloat16
+          save_dir: out/llava15-base
+    """
+    if not isinstance(section, Mapping):
+        raise ValueError(f"build: must be a mapping of build_vlm arguments, got {type(section).__name__}")
+    options = dict(section)
+    save_dir = options.pop("save_dir", None)
+    if not save_dir:
+        raise ValueError("build: needs save_dir (where the built base model and processor are written and reused)")
+    if os.path.isfile(os.path.join(save_dir, "config.json")):
+        return save_dir
+    model, processor = build_from_config(options)
+    model.save_pretrained(save_dir)
+    processor.save_pretrained(save_dir)
+    return save_dir
