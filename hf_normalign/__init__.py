@@ -22,6 +22,7 @@ __version__ = "0.1.0"
 # --help) imports neither torch nor transformers.
 _EXPORTS = {
     "MIRCallback": "callbacks",
+    "build_vlm": "build",
     **dict.fromkeys(("MoCaConfig", "NormAlignConfig", "PReConfig", "ProjectorNormConfig"), "config"),
     "push_to_hub": "hub",
     **dict.fromkeys(("get_config", "is_patched", "patch", "set_loss_scaler", "unpatch"), "patching"),
@@ -81,6 +82,7 @@ __all__ = [
     "__version__",
     "autoload",
     "bnb_config",
+    "build_vlm",
     "diagnostics",
     "from_pretrained",
     "get_config",

@@ -341,6 +341,8 @@ def _without_video(cls: type, *args: Any, **kwargs: Any) -> ProcessorMixin:
         cls.__init__(proc, *args, video_processor=None, **kwargs)
     finally:
         del proc.check_argument_for_proper_class
+    # save_pretrained walks the attribute slots and reads each one's `_auto_class`: list the filled ones only.
+    proc.get_attributes = lambda: [name for name in cls.get_attributes() if getattr(proc, name, None) is not None]
     return proc
 
 
@@ -753,11 +755,16 @@ def tiny_processor(family: str) -> ProcessorMixin:
         inputs = proc(images=[pil_image], text=[f"describe {proc.image_token} briefly"], return_tensors="pt")
         tiny_model("llava")(**inputs)
 
+    The processor carries the tokenizer's chat template and ``save_pretrained`` works for every family.
     Images only: video processors need torchvision and are left out. Raises ``NotImplementedError`` where
     the processor cannot be built: ``mistral3`` without torchvision (PixtralProcessor requires it) and
     ``smolvlm`` without the optional ``num2words`` package.
     """
-    return _family(family).processor(tiny_config(family), tiny_tokenizer(family))
+    tokenizer = tiny_tokenizer(family)
+    processor = _family(family).processor(tiny_config(family), tokenizer)
+    # The processor's own template, as on the Hub: apply_chat_template and TRL's collators read it there.
+    processor.chat_template = tokenizer.chat_template
+    return processor
 
 
 # ----------------------------------------------------------------------------------------------------------

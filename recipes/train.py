@@ -176,6 +176,7 @@ def _yaml_defaults(path: str, parser: HfArgumentParser) -> tuple[dict[str, Any],
     if not isinstance(values, dict):
         raise ConfigError(f"{path} must hold a mapping of option: value, got {type(values).__name__}")
     hub = values.pop("push_to_hub", None)
+    values.pop("build", None)  # read by _build_section
     if hub is not None and not isinstance(hub, str):
         raise ConfigError(f"{path}: push_to_hub takes a Hub repo id, got {hub!r}")
     actions = {action.dest: action for action in parser._actions}
@@ -210,7 +211,7 @@ def parse_args(argv: Sequence[str] | None, stage: int) -> RecipeConfig:
     hub = None
     if known.config:
         values, hub = _yaml_defaults(_resolve_config_path(known.config), parser)
-        parser.set_defaults(**values)
+        parser.set_defaults(**values, **_build_section(_resolve_config_path(known.config)))
     namespace = parser.parse_args(rest)  # usage errors exit with status 2, as argparse does
     given = vars(namespace)
     try:
@@ -220,6 +221,21 @@ def parse_args(argv: Sequence[str] | None, stage: int) -> RecipeConfig:
     except (TypeError, ValueError) as err:
         raise ConfigError(str(err)) from err
     return _validate(stage, model_args, data_args, recipe_args, training_args, given, known.push_to_hub or hub)
+
+
+def _build_section(path: str) -> dict[str, Any]:
+    """A ``build:`` section (a VLM from a vision encoder + an LLM, see hf_normalign.build.materialize) becomes
+    the ``model_name_or_path`` default: built and saved once to its ``save_dir``, reused after."""
+    from hf_normalign.build import materialize
+
+    with open(path, encoding="utf-8") as f:
+        section = (yaml.safe_load(f) or {}).get("build")
+    if section is None:
+        return {}
+    try:
+        return {"model_name_or_path": materialize(section)}
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{path}: build: {err}") from err
 
 
 def _validate(

@@ -26,6 +26,9 @@ def test_every_example_has_a_test():
         "trainer_mir_callback.py",
         "qlora_plugin.py",
         "push_to_hub_staging.py",
+        "trl_sft.py",
+        "trl_dpo.py",
+        "trl_grpo.py",
     }
     assert {p.name for p in EXAMPLES.glob("*.py")} == tested
 
@@ -67,3 +70,18 @@ def test_push_to_hub_staging(tmp_path):
         "README.md",
     ]
     assert "without the intervention" in out and "| `gwc` | `true` |" in out
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("script", ["trl_sft.py", "trl_dpo.py"])
+def test_trl_sft_dpo(tmp_path, script, lora):
+    out = run(script, "--out", str(tmp_path / "out"), *(["--lora"] if lora else []), cwd=tmp_path)
+    assert out.count("step ") == 4
+    assert (tmp_path / "out" / "normalign.safetensors").exists()
+    assert (tmp_path / "out" / ("adapter_model.safetensors" if lora else "model.safetensors")).exists()
+    assert (tmp_path / "out" / "checkpoint-2" / "normalign.safetensors").exists()
+
+
+def test_trl_grpo(tmp_path):
+    out = run("trl_grpo.py", "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert "step 1: reward" in out and "kl 0.000000" in out.split("step 2")[0]

@@ -1,0 +1,1 @@
+"""Integrations with training libraries (import the submodule: ``hf_normalign.integrations.trl``)."""
