@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "push": ("hf_normalign.hub", "upload an aligned checkpoint or adapter to the Hub"),
     "mir": ("hf_normalign.diagnostics.mir", "Modality Integration Rate of a model"),
     "report": ("hf_normalign.diagnostics.report", "HTML report of the modality-gap diagnostics"),
+    "serve": ("normalign_vllm.cli", "serve an aligned checkpoint with vLLM"),
 }
 
 

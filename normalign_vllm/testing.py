@@ -76,7 +76,7 @@ def tiny_images(n: int = len(PROMPTS)) -> list:
 def transformers_generate(model, processor, max_new_tokens: int = 8) -> list[list[int]]:
     """Greedy new-token ids of ``model`` for ``PROMPTS`` with ``tiny_images()``, one request at a time."""
     out = []
-    for prompt, image in zip(PROMPTS, tiny_images()):
+    for prompt, image in zip(PROMPTS, tiny_images(), strict=True):
         inputs = processor(images=[image], text=[prompt], return_tensors="pt")
         ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         out.append(ids[0, inputs["input_ids"].shape[1] :].tolist())
@@ -112,7 +112,7 @@ def _serve_job() -> None:
 
     job = json.loads(sys.stdin.read())
     llm = LLM(model=job["folder"], **{**ENGINE_DEFAULTS, **job["engine"]})
-    requests = [{"prompt": p, "multi_modal_data": {"image": im}} for p, im in zip(PROMPTS, tiny_images())]
+    requests = [{"prompt": p, "multi_modal_data": {"image": im}} for p, im in zip(PROMPTS, tiny_images(), strict=True)]
     params = SamplingParams(temperature=0, max_tokens=job["max_new_tokens"])
     runs = [[list(o.outputs[0].token_ids) for o in llm.generate(requests, params)] for _ in range(job["repeats"])]
     print(json.dumps(runs))

@@ -18,8 +18,8 @@ if importlib.util.find_spec("vllm") is None:
         allow_module_level=True,
     )
 
-import hf_normalign as normalign  # noqa: E402
-from normalign_vllm.testing import PROMPTS, build_tiny_aligned, transformers_generate, vllm_generate  # noqa: E402
+import hf_normalign as normalign
+from normalign_vllm.testing import PROMPTS, build_tiny_aligned, transformers_generate, vllm_generate
 
 TRANSFORMERS_BACKEND = {"model_impl": "transformers"}
 
