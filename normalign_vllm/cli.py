@@ -13,6 +13,7 @@ import argparse
 import os
 import shlex
 import shutil
+import sys
 
 
 def vllm_command(checkpoint: str, vllm_args: list[str]) -> list[str]:
@@ -26,7 +27,9 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(shlex.join(command))
         return 0
-    executable = shutil.which("vllm")
+    # The `vllm` beside this interpreter first: a venv's bin/ is often not on PATH.
+    beside = os.path.join(os.path.dirname(sys.executable), "vllm")
+    executable = beside if os.access(beside, os.X_OK) else shutil.which("vllm")
     if executable is None:
         raise SystemExit(
             "normalign serve: the `vllm` command is not on PATH. Install vLLM beside hf-normalign "

@@ -26,6 +26,7 @@ def test_every_example_has_a_test():
         "trainer_mir_callback.py",
         "qlora_plugin.py",
         "push_to_hub_staging.py",
+        "serve_openai.py",  # tests/test_vllm.py (needs the vLLM environment)
     }
     assert {p.name for p in EXAMPLES.glob("*.py")} == tested
 

@@ -8,6 +8,10 @@ The reference is the patched transformers model, generating greedily one request
 from __future__ import annotations
 
 import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -79,3 +83,11 @@ def test_compile_chunked_prefill_and_prefix_caching(checkpoint):
     )
     assert first == checkpoint["expected"]
     assert second == checkpoint["expected"]
+
+
+def test_serve_openai_example(tmp_path):
+    script = Path(__file__).resolve().parent.parent / "examples" / "serve_openai.py"
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tokens = re.fullmatch(r"answer: .* \((\d+) tokens\)", proc.stdout.strip())
+    assert tokens is not None and int(tokens.group(1)) >= 1, proc.stdout
