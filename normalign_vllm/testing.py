@@ -56,7 +56,7 @@ def save_tiny_aligned(root: str, family: str = "llava", *, seed: int = 0, **text
 
 # --- running vLLM in a child process (plugins load once per process; VLLM_PLUGINS picks them) ------------
 
-PROMPTS = (  # different lengths; the last puts 12 text tokens before its image so small chunks split it
+PROMPTS = (  # different lengths; with the tiny tokenizer the images start at positions 8, 8 and 50
     "USER: <image> describe",
     "USER: <image> what is this picture about, in a few words please",
     "a long question about the colours and the shapes that come before the image <image> now",

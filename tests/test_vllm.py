@@ -70,8 +70,9 @@ def test_folder_without_normalign_config_is_served_as_the_base(checkpoint):
 
 
 def test_compile_chunked_prefill_and_prefix_caching(checkpoint):
-    # 16-token steps split the third prompt's 16 image tokens over two steps; the second batch re-reads the
-    # cached prefixes (images included) instead of recomputing them; the backbone runs compiled.
+    # With at most 16 tokens a step, every image is split: the first prompt's 16 image tokens sit at positions
+    # 8..23, the third's at 50..65. The second batch re-reads the cached prefixes (images included) instead of
+    # recomputing them; the backbone runs compiled.
     first, second = vllm_generate(
         checkpoint["aligned"],
         repeats=2,
