@@ -236,6 +236,12 @@ def _report_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--title", default="hf-normalign diagnostics")
 
 
+def _serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="folder (or Hub repo id) of an aligned checkpoint")
+    p.add_argument("--dry-run", action="store_true", help="print the server command instead of running it")
+    p.add_argument("vllm_args", nargs=argparse.REMAINDER, help="`vllm serve` options, passed on unchanged")
+
+
 COMMANDS: dict[str, Command] = {
     "demo": Command(
         "run the miniature alignment experiment offline",
@@ -269,6 +275,13 @@ COMMANDS: dict[str, Command] = {
         "model, overlaid) as report.html + PNG plots + report.json in --out.",
         _report_arguments,
         "hf_normalign.diagnostics.report:_main",
+    ),
+    "serve": Command(
+        "serve an aligned checkpoint with vLLM (OpenAI-compatible server)",
+        "vLLM's OpenAI-compatible server on CHECKPOINT with the hf-normalign plugin active (transformers backend "
+        "unless --model-impl is given). Options for vLLM go after CHECKPOINT; see docs/serving.md.",
+        _serve_arguments,
+        "normalign_vllm.cli:run",
     ),
 }
 

@@ -29,6 +29,7 @@ def test_every_example_has_a_test():
         "trl_sft.py",
         "trl_dpo.py",
         "trl_grpo.py",
+        "serve_openai.py",  # tests/test_vllm.py (needs the vLLM environment)
     }
     assert {p.name for p in EXAMPLES.glob("*.py")} == tested
 

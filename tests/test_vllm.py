@@ -1,0 +1,94 @@
+"""vLLM serves aligned checkpoints with the projector LayerNorm and MoCa active (issue 16).
+
+Runs only where vLLM is importable: ``bash scripts/make_vllm_env.sh && .vllm-venv/bin/python -m pytest
+tests/test_vllm.py``. Each vLLM run is a child process (~30 s on 2 cores): vLLM loads its plugins once per process.
+The reference is the patched transformers model, generating greedily one request at a time.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+if importlib.util.find_spec("vllm") is None:
+    pytest.skip(
+        "vLLM is not installed in this environment; run with the vLLM venv: bash scripts/make_vllm_env.sh && "
+        ".vllm-venv/bin/python -m pytest tests/test_vllm.py",
+        allow_module_level=True,
+    )
+
+import hf_normalign as normalign
+from normalign_vllm.testing import PROMPTS, build_tiny_aligned, transformers_generate, vllm_generate
+
+TRANSFORMERS_BACKEND = {"model_impl": "transformers"}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """Folders of an aligned tiny LLaVA (perturbed LayerNorm + MoCa) and of its plain base, with references."""
+    root = tmp_path_factory.mktemp("served")
+    model, processor = build_tiny_aligned("llava")
+    aligned, base = str(root / "aligned"), str(root / "base")
+    normalign.save_pretrained(model, aligned)
+    processor.save_pretrained(aligned)
+    expected_aligned = transformers_generate(model, processor)
+    normalign.unpatch(model)
+    model.save_pretrained(base)
+    processor.save_pretrained(base)
+    expected_base = transformers_generate(model, processor)
+    # The plugin's parameters must matter, or token equality below would prove nothing.
+    assert expected_aligned != expected_base
+    assert len({len(p.split()) for p in PROMPTS}) == len(PROMPTS)
+    return {"aligned": aligned, "base": base, "expected": expected_aligned, "expected_base": expected_base}
+
+
+def test_transformers_backend_matches_patched_transformers(checkpoint):
+    (tokens,) = vllm_generate(checkpoint["aligned"], **TRANSFORMERS_BACKEND)
+    assert tokens == checkpoint["expected"]
+
+
+def test_without_the_plugin_the_same_checkpoint_is_not_served_as_aligned(checkpoint):
+    # Plain vLLM reads normalign.safetensors as model weights and stops; it never serves the aligned
+    # checkpoint. The base weights alone give other tokens (fixture), so the match above needs the plugin.
+    with pytest.raises(RuntimeError, match="no module or parameter named '(moca|projector_norm)'"):
+        vllm_generate(checkpoint["aligned"], plugins=False, **TRANSFORMERS_BACKEND)
+
+
+def test_native_implementation_refuses_an_aligned_checkpoint(checkpoint):
+    with pytest.raises(RuntimeError, match="--model-impl transformers"):
+        vllm_generate(checkpoint["aligned"], model_impl="vllm")
+
+
+def test_folder_without_normalign_config_is_served_as_the_base(checkpoint):
+    (tokens,) = vllm_generate(checkpoint["base"], **TRANSFORMERS_BACKEND)
+    assert tokens == checkpoint["expected_base"]
+
+
+def test_compile_chunked_prefill_and_prefix_caching(checkpoint):
+    # With at most 16 tokens a step, every image is split: the first prompt's 16 image tokens sit at positions
+    # 8..23, the third's at 50..65. The second batch re-reads the cached prefixes (images included) instead of
+    # recomputing them; the backbone runs compiled.
+    first, second = vllm_generate(
+        checkpoint["aligned"],
+        repeats=2,
+        enforce_eager=False,
+        enable_chunked_prefill=True,
+        max_num_batched_tokens=16,
+        enable_prefix_caching=True,
+        **TRANSFORMERS_BACKEND,
+    )
+    assert first == checkpoint["expected"]
+    assert second == checkpoint["expected"]
+
+
+def test_serve_openai_example(tmp_path):
+    script = Path(__file__).resolve().parent.parent / "examples" / "serve_openai.py"
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tokens = re.fullmatch(r"answer: .* \((\d+) tokens\)", proc.stdout.strip())
+    assert tokens is not None and int(tokens.group(1)) >= 1, proc.stdout
