@@ -424,7 +424,11 @@ def _proc_idefics3(cfg: PretrainedConfig, tok: Any) -> ProcessorMixin:
     # No image splitting: one global tile per image, the layout tiny_batch uses.
     kwargs = {"size": {"longest_edge": s}, "max_image_size": {"longest_edge": s}, "do_image_splitting": False}
     if cfg.model_type == "idefics3":
-        return tf.Idefics3Processor(tf.Idefics3ImageProcessorPil(**kwargs), tok, image_seq_len=_n_idefics(cfg, 1))
+        try:
+            image_processor = tf.Idefics3ImageProcessorPil(**kwargs)
+        except ImportError as err:  # transformers < 5.2x: the PIL class is declared as needing torchvision
+            raise NotImplementedError(f"tiny_processor('idefics3') cannot be built here: {err}") from err
+        return tf.Idefics3Processor(image_processor, tok, image_seq_len=_n_idefics(cfg, 1))
     try:
         return _without_video(
             tf.SmolVLMProcessor, tf.SmolVLMImageProcessorPil(**kwargs), tok, image_seq_len=_n_idefics(cfg, 1)

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import processor_or_skip
 from helpers import vision_mask
 
 from hf_normalign.diagnostics.capture import EncodedSample, encode_probe
@@ -19,7 +20,7 @@ from hf_normalign.diagnostics.profile import (
     profile_from_features,
 )
 from hf_normalign.registry import get_spec
-from hf_normalign.testing import tiny_batch, tiny_model, tiny_processor
+from hf_normalign.testing import tiny_batch, tiny_model
 
 # Families whose tiny processor builds here; mistral3 / smolvlm run from tiny_batch encodings.
 PROCESSOR_FAMILIES = (
@@ -105,7 +106,7 @@ def _encoded(family: str, n: int) -> tuple[torch.nn.Module, object, list[Encoded
             text[(~vision_mask(model, ids[None])[0]).nonzero().max() - 2 :] = True  # trailing text tokens
             samples.append(EncodedSample(batch, text, f"s{seed}"))
         return model, None, samples
-    processor = tiny_processor(family)
+    processor = processor_or_skip(family)
     return model, processor, encode_probe(processor, default_probe(n))
 
 
