@@ -2,6 +2,7 @@
 scipy, PCA against numpy, and the model-level keys against k_proj outputs captured here (every family)."""
 
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -327,3 +328,40 @@ def test_key_spaces_equal_keys_by_hand(family):
     assert ("equal to the k_proj output" in got["post_norm"].settings["keys"]) == (not has_norm)
     with pytest.raises(ValueError, match="keys must be one of"):
         key_space_gap(model, processor, samples, keys="post_attention", progress=False)
+
+
+def test_tsne_next_to_pca_is_sklearn_on_the_scatter_points_seeded():
+    pytest.importorskip("sklearn")
+    from sklearn.manifold import TSNE
+
+    g = torch.Generator().manual_seed(4)
+    v, t = (
+        torch.randn(40, 6, generator=g, dtype=torch.float64) + 2.5,
+        torch.randn(30, 6, generator=g, dtype=torch.float64),
+    )
+    opts = dict(bins=3, scatter_points=100, max_samples=None, seed=3)  # every row is a scatter point
+    r = key_space_from_features([v], [t], tsne=True, **opts)
+    pts = r.scatter["0"]["tsne"]
+    assert len(pts["vision"]) == 40 and len(pts["text"]) == 30
+    # By hand: scikit-learn on the pooled rows (vision first, original order), perplexity min(30, (n-1)/3).
+    want = TSNE(n_components=2, perplexity=min(30, 69 / 3), init="pca", random_state=3).fit_transform(
+        torch.cat([v, t]).numpy()
+    )
+    np.testing.assert_allclose(np.array(pts["vision"] + pts["text"]), want, rtol=1e-6, atol=1e-6)
+    assert key_space_from_features([v], [t], tsne=True, **opts).scatter == r.scatter  # seeded: same points
+    emb = np.array(pts["vision"] + pts["text"])  # the planted shift keeps two clouds: 1-NN never crosses
+    nearest = np.argsort(((emb[:, None] - emb[None]) ** 2).sum(-1), axis=1)[:, 1]
+    assert ((nearest < 40) == (np.arange(70) < 40)).mean() > 0.95
+    assert "tsne" not in key_space_from_features([v], [t], **opts).scatter["0"]  # off by default
+
+
+def test_tsne_without_scikit_learn_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn.manifold", None)  # import fails as if not installed
+    with pytest.raises(ImportError, match=r'pip install "hf-normalign\[tsne\]"'):
+        key_space_from_features([torch.randn(20, 3)], [torch.randn(20, 3)], tsne=True)
+    model, processor, samples = _encoded("llava", 2)
+    calls = []
+    monkeypatch.setattr(ks, "encoded_probe", lambda *a, **k: calls.append(1))
+    with pytest.raises(ImportError, match=r"hf-normalign\[tsne\]"):  # before the probe is even encoded
+        key_space_gap(model, processor, samples, tsne=True, progress=False)
+    assert calls == []

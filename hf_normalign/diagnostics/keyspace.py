@@ -39,6 +39,10 @@ choices made here (all parameters) are:
   bins = clip(floor((n_half / 10)^(1 / pca_dims)), 2, 64), and the same bins serve the cross-modal
   JSD and both baselines, which show the remaining bias.
 
+The scatter layers also get a 2-D t-SNE of the same points with ``tsne=True`` (:func:`tsne_2d`; needs
+scikit-learn: ``pip install "hf-normalign[tsne]"``). t-SNE keeps neighbourhoods, not distances: two
+separate clouds mean the keys separate, but cloud sizes and the space between them mean nothing.
+
 Example:
     >>> import torch
     >>> g = torch.Generator().manual_seed(0)
@@ -77,6 +81,7 @@ __all__ = [
     "pca_basis",
     "pca_histograms",
     "subsample",
+    "tsne_2d",
 ]
 
 KEY_SPACES: tuple[str, ...] = ("k_proj", "post_norm", "post_rope")
@@ -367,6 +372,37 @@ def jsd_pca(
     return jsd_histograms(hx, hy, base=base)
 
 
+def _tsne_class() -> Any:
+    try:
+        from sklearn.manifold import TSNE
+    except ImportError as err:
+        raise ImportError(
+            "tsne=True needs scikit-learn, which hf-normalign does not install by default: "
+            'pip install "hf-normalign[tsne]"'
+        ) from err
+    return TSNE
+
+
+def tsne_2d(x: Any, *, seed: int = 0, perplexity: float | None = None) -> np.ndarray:
+    """2-D t-SNE of the rows of ``x`` [n, d] with scikit-learn: ``TSNE(n_components=2, perplexity, init="pca",
+    random_state=seed)``, other settings scikit-learn's defaults (Barnes-Hut, 1000 iterations).
+
+    ``perplexity`` None = min(30, (n - 1) / 3) (scikit-learn needs it below n). The same ``seed`` and
+    rows give the same points. ImportError naming ``pip install "hf-normalign[tsne]"`` without scikit-learn.
+
+    Example:
+        >>> import torch
+        >>> tsne_2d(torch.randn(40, 5), seed=0).shape  # doctest: +SKIP
+        (40, 2)
+    """
+    tsne = _tsne_class()
+    rows = as_features(x, "x", min_rows=4).cpu().numpy()
+    chosen = min(30.0, (rows.shape[0] - 1) / 3) if perplexity is None else float(perplexity)
+    if not 0 < chosen < rows.shape[0]:
+        raise ValueError(f"perplexity must be in (0, {rows.shape[0]}), got {perplexity}")
+    return tsne(n_components=2, perplexity=chosen, init="pca", random_state=seed).fit_transform(rows)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Result and per-layer computation
 # ----------------------------------------------------------------------------------------------------------
@@ -391,7 +427,8 @@ class KeySpaceResult:
         num_vision_keys / num_text_keys: keys seen per layer (before the cap).
         num_vision_used / num_text_used: keys used per layer (after the cap).
         scatter: layer (as a string, for JSON) -> {"vision": [[pc1, pc2], ...], "text": [...],
-            "variance": [var1, var2]} on the shared PCA axes of that layer, for the 2-D plot.
+            "variance": [var1, var2]} on the shared PCA axes of that layer, for the 2-D plot; with
+            ``tsne=True`` also "tsne": {"vision": [[x, y], ...], "text": [...]}, a t-SNE of the same points.
         num_samples: probe pairs behind the keys (None when unknown).
         settings: every choice above (kernel, bandwidth rule, estimator, caps, PCA / histogram / base,
             which keys).
@@ -517,6 +554,10 @@ def _layer_gap(
         out["scatter"] = {
             name: [[float(c) for c in row] for row in ((x - mean) @ comps.T).cpu().tolist()] for name, x in pick.items()
         } | {"variance": [float(s) for s in var]}
+        if opts["tsne"]:  # one embedding of both modalities, so their points share the map
+            points = tsne_2d(torch.cat([pick["vision"], pick["text"]]), seed=seed).tolist()
+            nv = pick["vision"].shape[0]
+            out["scatter"]["tsne"] = {"vision": points[:nv], "text": points[nv:]}
     return out
 
 
@@ -541,11 +582,16 @@ def _settings(opts: dict[str, Any]) -> dict[str, Any]:
         "clip_quantile": opts["clip_quantile"],
         "jsd_base": opts["jsd_base"],
         "scatter_points": opts["scatter_points"],
+        "tsne": "2-D t-SNE of the scatter points (scikit-learn, init pca, perplexity min(30, (n-1)/3))"
+        if opts["tsne"]
+        else False,
         "seed": opts["seed"],
     }
 
 
-def _options(bandwidth, unbiased, max_samples, pca_dims, bins, jsd_base, clip_quantile, scatter_points, seed):
+def _options(
+    bandwidth, unbiased, max_samples, pca_dims, bins, jsd_base, clip_quantile, scatter_points, seed, tsne=False
+):
     if bandwidth is not None and not bandwidth > 0:
         raise ValueError(f"bandwidth must be > 0 or None, got {bandwidth}")
     if max_samples is not None and max_samples < 4:
@@ -556,6 +602,8 @@ def _options(bandwidth, unbiased, max_samples, pca_dims, bins, jsd_base, clip_qu
         raise ValueError(f"jsd_base must be > 1, got {jsd_base}")
     if not 0 <= clip_quantile < 0.5:
         raise ValueError(f"clip_quantile must be in [0, 0.5), got {clip_quantile}")
+    if tsne:
+        _tsne_class()  # the missing extra is reported before any work
     return dict(
         bandwidth=bandwidth,
         unbiased=unbiased,
@@ -566,6 +614,7 @@ def _options(bandwidth, unbiased, max_samples, pca_dims, bins, jsd_base, clip_qu
         clip_quantile=clip_quantile,
         scatter_points=scatter_points,
         seed=seed,
+        tsne=tsne,
     )
 
 
@@ -619,12 +668,14 @@ def key_space_from_features(
     scatter_points: int = 300,
     seed: int = 0,
     num_samples: int | None = None,
+    tsne: bool = False,
 ) -> KeySpaceResult:
     """Key-space gap from stacked keys: ``vision_keys[j]`` [n_v, d] and ``text_keys[j]`` [n_t, d].
 
     ``layers`` numbers the entries (default 0, 1, ...). Rows are capped at ``max_samples`` per
     modality (seeded; the same row positions at every layer when the counts agree). ``scatter_layers``
-    (default: first, middle and last) get 2-D PCA points for the plot, ``scatter_points`` per modality.
+    (default: first, middle and last) get 2-D PCA points for the plot, ``scatter_points`` per modality,
+    and with ``tsne=True`` a t-SNE of the same points (:func:`tsne_2d`, needs scikit-learn).
     Other arguments: module docstring. ValueError when a modality has fewer than 4 keys at a layer.
 
     Example:
@@ -640,7 +691,9 @@ def key_space_from_features(
     numbers = list(range(len(vision_keys))) if layers is None else [int(i) for i in layers]
     if len(numbers) != len(vision_keys):
         raise ValueError(f"layers must number the {len(vision_keys)} entries, got {numbers}")
-    opts = _options(bandwidth, unbiased, max_samples, pca_dims, bins, jsd_base, clip_quantile, scatter_points, seed)
+    opts = _options(
+        bandwidth, unbiased, max_samples, pca_dims, bins, jsd_base, clip_quantile, scatter_points, seed, tsne
+    )
     scatter = set(_default_scatter_layers(numbers) if scatter_layers is None else scatter_layers)
     per_layer, seen, used = [], [], []
     for layer, v_raw, t_raw in zip(numbers, vision_keys, text_keys, strict=True):
@@ -806,6 +859,7 @@ def key_space_gap(
     clip_quantile: float = 0.01,
     scatter_layers: Iterable[int] | None = None,
     scatter_points: int = 300,
+    tsne: bool = False,
     device: str | torch.device | None = None,
     prompt: str | None = None,
     keys: str = "k_proj",
@@ -826,6 +880,7 @@ def key_space_gap(
         bandwidth, unbiased, pca_dims, bins, jsd_base, clip_quantile: see the module docstring.
         scatter_layers / scatter_points: layers (default first, middle, last) and points per modality
             of the 2-D PCA scatter stored in the result.
+        tsne: also a 2-D t-SNE of the scatter points (:func:`tsne_2d`; ``pip install "hf-normalign[tsne]"``).
         device, prompt: passed to :func:`~.capture.capture`.
         keys: the key space, ``"k_proj"``, ``"post_norm"`` or ``"post_rope"`` (module docstring);
             ``settings["keys"]`` states what was taken for this model.
@@ -839,7 +894,9 @@ def key_space_gap(
     """
     from .capture import capture, resolve_layers
 
-    opts = _options(bandwidth, unbiased, max_samples, pca_dims, bins, jsd_base, clip_quantile, scatter_points, seed)
+    opts = _options(
+        bandwidth, unbiased, max_samples, pca_dims, bins, jsd_base, clip_quantile, scatter_points, seed, tsne
+    )
     if keys not in KEY_SPACES:
         raise ValueError(f"keys must be one of {', '.join(KEY_SPACES)}; got {keys!r}")
     selected = resolve_layers(model, layers)

@@ -8,7 +8,7 @@ gap (:func:`~.keyspace.key_space_gap`) and the visual-degradation curves
 - ``report.html``: summary table, plots embedded as base64 PNG (opens anywhere, offline), and the
   per-layer numbers of every model in collapsible tables;
 - ``norms.png``, ``update_rate.png``, ``mir.png``, ``key_gap.png``, ``key_scatter.png``,
-  ``degradation.png``;
+  ``degradation.png``, and ``key_tsne.png`` with ``key_tsne=True``;
 - ``report.json``: every number shown (the results' ``to_dict()`` plus the summary).
 
 Command line: ``normalign report MODEL [--compare MODEL2 ...] --out DIR``.
@@ -35,6 +35,7 @@ import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -49,6 +50,23 @@ from .profile import ModalityProfile, json_float, modality_profile
 __all__ = ["METRICS", "Report", "build_report", "coincidence_note", "format_number", "plot_caption"]
 
 METRICS: tuple[str, ...] = ("profile", "mir", "key_space", "degradation")
+
+
+def _plot_key_tsne(results: Mapping[str, Any]) -> Any:
+    """The t-SNE points (``key_space_gap(tsne=True)``) drawn like the PCA scatter; None when no model has them."""
+    tsne = {
+        name: SimpleNamespace(scatter={layer: pts["tsne"] for layer, pts in r.scatter.items() if "tsne" in pts})
+        for name, r in results.items()
+    }
+    if not any(t.scatter for t in tsne.values()):
+        return None
+    fig = plots.plot_key_scatter(tsne)
+    for ax in fig.axes:  # the PCA plot's axis names
+        if ax.get_xlabel():
+            ax.set_xlabel("t-SNE 1")
+            ax.set_ylabel("t-SNE 2")
+    return fig
+
 
 # plot file stem -> (metric it needs, plotting function, caption: what to look at, result keys whose curves
 # the plot draws, compared to name the models that coincide)
@@ -89,6 +107,14 @@ _PLOTS: dict[str, tuple[str, Callable[[Mapping[str, Any]], Any], str, tuple[str,
         plots.plot_key_scatter,
         "Vision (orange) and text (blue) keys projected on their shared first two principal components: "
         "two separate clouds = a gap in key space.",
+        (),
+    ),
+    "key_tsne": (
+        "key_space",
+        _plot_key_tsne,
+        "The same keys as the PCA scatter, as a 2-D t-SNE map (scikit-learn, seeded). t-SNE keeps "
+        "neighbourhoods, not distances: two separate clouds = keys separate the modalities; the clouds' sizes "
+        "and the gap between them mean nothing.",
         (),
     ),
     "degradation": (
@@ -144,6 +170,7 @@ def _run_metric(
             opts["key_layers"],
             num_samples=opts["num_samples"],
             max_samples=opts["max_key_samples"],
+            tsne=opts["key_tsne"],
             **common,
         )
     return visual_degradation(model, processor, degradation_probe, num_samples=opts["degradation_samples"], **common)
@@ -217,6 +244,7 @@ def build_report(
     batch_size: int = 8,
     key_layers: Iterable[int] | None = None,
     max_key_samples: int | None = 2000,
+    key_tsne: bool = False,
     seed: int = 0,
     title: str = "hf-normalign diagnostics",
     links: Mapping[str, str] | None = None,
@@ -234,6 +262,8 @@ def build_report(
         batch_size: samples per forward pass.
         key_layers: decoder layers of the key-space gap (default all).
         max_key_samples: keys kept per modality and layer.
+        key_tsne: add a t-SNE map of the keys next to the PCA scatter (``key_tsne.png``; needs
+            scikit-learn: ``pip install "hf-normalign[tsne]"``).
         seed: seed of the subsets and the samplers.
         title: heading of the HTML page.
         links: label -> href shown in the page header, e.g. ``{"demo report": "../report.html"}``.
@@ -262,6 +292,7 @@ def build_report(
         "batch_size": batch_size,
         "key_layers": None if key_layers is None else list(key_layers),
         "max_key_samples": max_key_samples,
+        "key_tsne": key_tsne,
         "seed": seed,
         "progress": progress,
     }
@@ -279,8 +310,11 @@ def build_report(
     for stem, (metric, draw, *_) in tqdm(_PLOTS.items(), desc="plots", disable=not progress, leave=False):
         if metric not in chosen:
             continue
+        fig = draw({name: res[metric] for name, res in results.items()})
+        if fig is None:  # nothing to draw (the t-SNE map when not asked for)
+            continue
         written[stem] = out / f"{stem}.png"
-        plots.png_bytes(draw({name: res[metric] for name, res in results.items()}), written[stem])
+        plots.png_bytes(fig, written[stem])
 
     data = _json_data(models, results, summary, written, opts, title)
     json_path = out / "report.json"
@@ -330,7 +364,7 @@ def _json_data(
 _SECTIONS: dict[str, tuple[str, list[str]]] = {
     "profile": ("Norms and update rate", ["norms", "update_rate"]),
     "mir": ("Modality Integration Rate", ["mir"]),
-    "key_space": ("Key-space gap", ["key_gap", "key_scatter"]),
+    "key_space": ("Key-space gap", ["key_gap", "key_scatter", "key_tsne"]),
     "degradation": ("Visual degradation", ["degradation"]),
 }
 
