@@ -195,6 +195,10 @@ def _summary(results: Mapping[str, Any]) -> dict[str, float | None]:
         out["norm_ratio_input"], out["norm_ratio_last"] = _first_last(prof.norm_ratio, prof.layers)
         out["vision_update_cos_mean"] = _mean(prof.vision_update_cos) if prof.update_layers else None
         out["text_update_cos_mean"] = _mean(prof.text_update_cos) if prof.update_layers else None
+        out["vision_encoder_norm"] = prof.vision_path_norms.get("vision_encoder_output", {}).get("mean")
+        out["projector_output_norm"] = prof.vision_path_norms.get("projector_output", {}).get("mean")
+        out["gain_mean_abs"] = prof.projector_gain["mean_abs"] if prof.projector_gain else None
+        out["gain_mean_abs_to_init"] = prof.projector_gain["mean_abs_to_init"] if prof.projector_gain else None
     if results.get("mir") is not None:
         out["mir"] = results["mir"].mir
     keys: KeySpaceResult | None = results.get("key_space")
@@ -219,6 +223,10 @@ _SUMMARY_LABELS = {
     "norm_ratio_last": "norm ratio vision/text, last layer",
     "vision_update_cos_mean": "update cos, vision (mean over layers)",
     "text_update_cos_mean": "update cos, text (mean over layers)",
+    "vision_encoder_norm": "vision-encoder output norm (projector input)",
+    "projector_output_norm": "projector output norm (before its LayerNorm)",
+    "gain_mean_abs": "projector LayerNorm gain, mean |g|",
+    "gain_mean_abs_to_init": "gain mean |g| / init T/√D",
     "key_mmd2_mean": "key MMD², vision vs text (mean)",
     "key_mmd2_intra_mean": "key MMD², intra-modal halves (mean)",
     "key_jsd_mean": "key JSD, vision vs text (mean)",
@@ -370,7 +378,7 @@ _SECTIONS: dict[str, tuple[str, list[str]]] = {
 
 # metric -> glossary terms its section uses
 _TERMS: dict[str, tuple[str, ...]] = {
-    "profile": ("layer numbering", "final norm", "update rate", "units"),
+    "profile": ("layer numbering", "final norm", "update rate", "units", "vision path norms", "LayerNorm gain"),
     "mir": ("layer numbering", "final norm", "FID", "MIR"),
     "key_space": ("MMD²", "JSD"),
     "degradation": ("layer numbering",),
@@ -525,6 +533,39 @@ def _summary_table(data: Mapping[str, Any], names: Sequence[str]) -> str:
     return table(["", *names], rows, best=best) + (note if best else "")
 
 
+_VISION_PATH_ROWS: dict[str, str] = {
+    "vision_encoder_output": "vision-encoder output (projector input)",
+    "projector_output": "projector output, before its LayerNorm",
+    "llm_input_vision": "vision tokens at the LLM input",
+    "text_embedding": "text-passage embeddings",
+}
+_GAIN_ROWS: dict[str, str] = {
+    "mean_abs": "gain mean |g|",
+    "l2": "gain ||g||₂",
+    "init_value": "gain init T/√D",
+    "mean_abs_to_init": "mean |g| / init",
+    "l2_to_init": "||g||₂ / T",
+    "gwc_scale": "GWC scale 1/mean |g|",
+}
+
+
+def _vision_path_table(data: Mapping[str, Any], names: Sequence[str]) -> str:
+    """Mean L2 norm at each point of the vision path and the projector LayerNorm's gain: rows x models."""
+    profiles = [data["models"][n]["profile"] for n in names]
+    rows = []
+    for stage, label in _VISION_PATH_ROWS.items():
+        values = [p.get("vision_path_norms", {}).get(stage, {}).get("mean") for p in profiles]
+        rows.append([f"{label}, mean norm", *_fixed_columns([values])[0]])
+    for key, label in _GAIN_ROWS.items():
+        values = [(p.get("projector_gain") or {}).get(key) for p in profiles]
+        rows.append([label, *_fixed_columns([values])[0]])
+    note = (
+        '<p class="caption">Mean L2 norm of the rows at each point (the norm paper\'s measurements) and the '
+        "projector LayerNorm's gain; a dash where the model has no projector LayerNorm.</p>"
+    )
+    return "<h3>Vision path norms and LayerNorm gain</h3>" + table(["", *names], rows) + note
+
+
 def _settings_text(settings: Mapping[str, Any]) -> str:
     return "; ".join(f"{k}: {v}" for k, v in settings.items())
 
@@ -541,6 +582,8 @@ def _html(data: Mapping[str, Any], written: Mapping[str, Path], links: Mapping[s
         if not any(metric in data["models"][n] for n in names):
             continue
         terms += [t for t in _TERMS[metric] if t not in terms]
+        if metric == "key_space" and "key_tsne" in written:
+            terms.append("t-SNE")
         body = []
         for stem in stems:
             if stem not in written:
@@ -548,6 +591,8 @@ def _html(data: Mapping[str, Any], written: Mapping[str, Path], links: Mapping[s
             caption = plot_caption(stem, {n: data["models"][n][metric] for n in names})
             name = written[stem].name
             body.append(figure(written[stem].read_bytes(), _PLOTS[stem][2], caption, href=name, file=name))
+        if metric == "profile":
+            body.append(_vision_path_table(data, names))
         for n in names:
             result = data["models"][n][metric]
             body.append(
