@@ -83,7 +83,7 @@ def parse(path: str) -> ServingCheckpoint:
             "Save the merged model with hf_normalign.save_pretrained(model, folder) and serve that folder."
         )
     try:
-        config = core.load("config.py").NormAlignConfig.from_dict(data["methods"])
+        config = core.get("config", "NormAlignConfig").from_dict(data["methods"])
         hidden_size, num_layers = int(data["hidden_size"]), int(data["num_decoder_layers"])
     except (KeyError, TypeError, ValueError) as err:
         raise NormAlignServingError(f"{path} is malformed ({err!r}); re-save the model with hf-normalign.") from err

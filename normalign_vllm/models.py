@@ -17,7 +17,6 @@ Each class subclasses vLLM's own and adds ``NormAlignMixin``. Where vLLM differs
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable
 
 import torch
@@ -28,54 +27,11 @@ from vllm.model_executor.models.qwen2_vl import Qwen2VLForConditionalGeneration
 from vllm.model_executor.models.transformers import TransformersMultiModalForCausalLM
 
 from . import checkpoint as ckpt
-from . import core
+from .serving_modules import NormAlignServingModules
 
 # Where the decoder layers are, by class family: native vLLM wraps the LM as `language_model.model`; the
 # transformers backend keeps the transformers module tree under `model`.
 _LAYER_PATHS = ("language_model.model.layers", "model.language_model.layers", "model.text_model.layers")
-
-
-class NormAlignServingModules(nn.Module):
-    """The inference plugin modules, named as in ``normalign.safetensors``, plus the vision-position buffer."""
-
-    def __init__(self, checkpoint: ckpt.ServingCheckpoint, max_num_tokens: int):
-        super().__init__()
-        config, hidden = checkpoint.config, checkpoint.hidden_size
-        self.projector_norm: nn.ModuleList | None = None
-        self.moca: nn.ModuleDict | None = None
-        if config.projector_norm is not None:
-            pn = config.projector_norm
-            norm_cls = core.load("methods/projector_norm.py").ProjectorLayerNorm
-            # GWC acts on gradients only; the gain is overwritten by the saved weights.
-            norm = norm_cls(hidden, target_norm=1.0, gwc=False, gwc_floor=pn.gwc_floor, eps=pn.eps)
-            self.projector_norm = nn.ModuleList([norm])
-        if config.moca is not None:
-            moca = core.load("methods/moca.py")
-            self.moca = nn.ModuleDict({moca.moca_key(i): moca.MoCaLayer(hidden) for i in checkpoint.moca_layers})
-        self.register_buffer("vision_mask", torch.zeros(max_num_tokens, dtype=torch.bool), persistent=False)
-        self.eval()
-
-    def record_vision_positions(self, num_tokens: int, is_multimodal: torch.Tensor | None) -> None:
-        """Remember which of this step's ``num_tokens`` flattened positions hold vision embeddings."""
-        if num_tokens > self.vision_mask.numel():
-            raise RuntimeError(
-                f"hf-normalign: a step of {num_tokens} tokens exceeds the {self.vision_mask.numel()} positions sized "
-                "from max_num_batched_tokens at start-up. Please report this with your vLLM version."
-            )
-        self.vision_mask.zero_()
-        if is_multimodal is not None:
-            self.vision_mask[:num_tokens].copy_(is_multimodal)
-
-    def normalize(self, embeddings: Iterable[torch.Tensor]) -> list[torch.Tensor]:
-        return [self.projector_norm[0](rows) for rows in embeddings]
-
-
-def _calibrate(moca: nn.Module, vision_mask: torch.Tensor, module, args, output):
-    """Forward hook of one decoder layer: MoCa at vision rows, without data-dependent control flow."""
-    hidden = output[0] if isinstance(output, tuple) else output
-    at_vision = vision_mask[: hidden.shape[-2]].unsqueeze(-1)
-    hidden = torch.where(at_vision, moca(hidden), hidden)
-    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
 
 class NormAlignMixin:
@@ -88,6 +44,7 @@ class NormAlignMixin:
         model_config = vllm_config.model_config
         self.normalign_checkpoint = ckpt.find(model_config.model, model_config.revision)
         self.normalign = None
+        self.normalign_dtype = model_config.dtype
         if self.normalign_checkpoint is None:
             return  # a plain checkpoint: the class behaves exactly as vLLM's own
         if not self.supported:
@@ -101,10 +58,9 @@ class NormAlignMixin:
         device = next(self.parameters()).device
         self.normalign = NormAlignServingModules(self.normalign_checkpoint, max_tokens).to(device)
         layers = self._decoder_layers()
-        for key, moca in (self.normalign.moca or {}).items():
-            index = int(key.split("_")[1])
-            hook = functools.partial(_calibrate, moca, self.normalign.vision_mask)
-            layers[index].register_forward_hook(hook)
+        # Only the selected layers get a hook: the others trace to exactly vLLM's own graph.
+        for index, key in zip(self.normalign_checkpoint.moca_layers, self.normalign.moca or {}, strict=True):
+            layers[index].register_forward_hook(self.normalign.calibrate_hook(key))
 
     def _decoder_layers(self) -> nn.ModuleList:
         expected = self.normalign_checkpoint.num_decoder_layers
@@ -137,6 +93,7 @@ class NormAlignMixin:
         state = self.normalign.state_dict()
         tensors = ckpt.read_weights(self.normalign_checkpoint, state)
         self.normalign.load_state_dict(tensors, strict=True)
+        self.normalign.prepare(self.normalign_dtype)
         return set(loaded) | {f"normalign.{key}" for key in state}
 
 

@@ -38,7 +38,23 @@ def build_tiny_aligned(family: str = "llava", *, seed: int = 0, **text_overrides
     model = tiny_model(family, seed=seed, **{**SERVABLE_TEXT, **text_overrides})
     normalign.patch(model, methods=["projector_norm", "moca"])
     perturb_plugin(model, seed=seed)
-    return model, tiny_processor(family)
+    return model, _servable_processor(tiny_processor(family))
+
+
+def _servable_processor(processor):
+    """``processor`` with the video processor vLLM loads for Qwen-VL (testing's tiny one has none: no videos)."""
+    if not type(processor).__name__.startswith("Qwen2"):
+        return processor
+    from transformers import Qwen2VLVideoProcessor
+
+    images = processor.image_processor
+    video = Qwen2VLVideoProcessor(
+        size=images.size,
+        patch_size=images.patch_size,
+        merge_size=images.merge_size,
+        temporal_patch_size=images.temporal_patch_size,
+    )
+    return type(processor)(image_processor=images, tokenizer=processor.tokenizer, video_processor=video)
 
 
 def save_tiny_aligned(root: str, family: str = "llava", *, seed: int = 0, **text_overrides) -> tuple[str, str]:
@@ -56,11 +72,21 @@ def save_tiny_aligned(root: str, family: str = "llava", *, seed: int = 0, **text
 
 # --- running vLLM in a child process (plugins load once per process; VLLM_PLUGINS picks them) ------------
 
-PROMPTS = (  # different lengths; with the tiny tokenizer the images start at positions 8, 8 and 50
-    "USER: <image> describe",
-    "USER: <image> what is this picture about, in a few words please",
-    "a long question about the colours and the shapes that come before the image <image> now",
+PROMPTS = (  # different lengths; with the tiny tokenizer LLaVA's images start at positions 8, 8 and 50
+    "USER: {image} describe",
+    "USER: {image} what is this picture about, in a few words please",
+    "a long question about the colours and the shapes that come before the image {image} now",
 )
+# What stands for one image in a prompt, by family (the processor expands it to the image's tokens).
+IMAGE_TEXT = {"llava": "<image>", "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>"}
+IMAGE_TEXT["qwen2_5_vl"] = IMAGE_TEXT["qwen2_vl"]
+
+
+def prompts(family: str = "llava") -> list[str]:
+    """``PROMPTS`` with ``family``'s image placeholder."""
+    return [p.format(image=IMAGE_TEXT[family]) for p in PROMPTS]
+
+
 ENGINE_DEFAULTS = {"dtype": "float32", "max_model_len": 256, "seed": 0, "max_num_seqs": 4, "enforce_eager": True}
 
 
@@ -73,18 +99,20 @@ def tiny_images(n: int = len(PROMPTS)) -> list:
     return [Image.fromarray(p.numpy()) for p in pixels]
 
 
-def transformers_generate(model, processor, max_new_tokens: int = 8) -> list[list[int]]:
-    """Greedy new-token ids of ``model`` for ``PROMPTS`` with ``tiny_images()``, one request at a time."""
+def transformers_generate(model, processor, max_new_tokens: int = 8, family: str = "llava") -> list[list[int]]:
+    """Greedy new-token ids of ``model`` for ``prompts(family)`` with ``tiny_images()``, one request at a time."""
     out = []
-    for prompt, image in zip(PROMPTS, tiny_images(), strict=True):
+    for prompt, image in zip(prompts(family), tiny_images(), strict=True):
         inputs = processor(images=[image], text=[prompt], return_tensors="pt")
         ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         out.append(ids[0, inputs["input_ids"].shape[1] :].tolist())
     return out
 
 
-def vllm_generate(folder: str, *, plugins: bool = True, repeats: int = 1, max_new_tokens: int = 8, **engine) -> list:
-    """Greedy new-token ids from vLLM for ``PROMPTS`` as one batch, ``repeats`` times, in a child process.
+def vllm_generate(
+    folder: str, *, family: str = "llava", plugins: bool = True, repeats: int = 1, max_new_tokens: int = 8, **engine
+) -> list:
+    """Greedy new-token ids from vLLM for ``prompts(family)`` as one batch, ``repeats`` times, in a child process.
 
     ``plugins=False`` starts vLLM with no general plugin (``VLLM_PLUGINS=""``): plain vLLM on the same folder.
     """
@@ -95,7 +123,7 @@ def vllm_generate(folder: str, *, plugins: bool = True, repeats: int = 1, max_ne
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
     if not plugins:
         env["VLLM_PLUGINS"] = ""
-    job = {"folder": folder, "repeats": repeats, "max_new_tokens": max_new_tokens, "engine": engine}
+    job = {"folder": folder, "family": family, "repeats": repeats, "max_new_tokens": max_new_tokens, "engine": engine}
     result = subprocess.run(
         [sys.executable, "-m", "normalign_vllm.testing"], input=json.dumps(job), env=env, capture_output=True, text=True
     )
@@ -112,7 +140,8 @@ def _serve_job() -> None:
 
     job = json.loads(sys.stdin.read())
     llm = LLM(model=job["folder"], **{**ENGINE_DEFAULTS, **job["engine"]})
-    requests = [{"prompt": p, "multi_modal_data": {"image": im}} for p, im in zip(PROMPTS, tiny_images(), strict=True)]
+    pairs = zip(prompts(job["family"]), tiny_images(), strict=True)
+    requests = [{"prompt": p, "multi_modal_data": {"image": im}} for p, im in pairs]
     params = SamplingParams(temperature=0, max_tokens=job["max_new_tokens"])
     runs = [[list(o.outputs[0].token_ids) for o in llm.generate(requests, params)] for _ in range(job["repeats"])]
     print(json.dumps(runs))

@@ -1,4 +1,4 @@
-"""vLLM serves aligned checkpoints with the projector LayerNorm and MoCa active (issue 16).
+"""vLLM serves aligned checkpoints (LLaVA, Qwen2.5-VL) with the projector LayerNorm and MoCa active (issue 16).
 
 Runs only where vLLM is importable: ``bash scripts/make_vllm_env.sh && .vllm-venv/bin/python -m pytest
 tests/test_vllm.py``. Each vLLM run is a child process (~30 s on 2 cores): vLLM loads its plugins once per process.
@@ -28,23 +28,31 @@ from normalign_vllm.testing import PROMPTS, build_tiny_aligned, transformers_gen
 TRANSFORMERS_BACKEND = {"model_impl": "transformers"}
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """Folders of an aligned tiny LLaVA (perturbed LayerNorm + MoCa) and of its plain base, with references."""
-    root = tmp_path_factory.mktemp("served")
-    model, processor = build_tiny_aligned("llava")
+def _served(root, family: str) -> dict:
+    """Folders of an aligned tiny ``family`` model (perturbed LayerNorm + MoCa) and its plain base, with references."""
+    model, processor = build_tiny_aligned(family)
     aligned, base = str(root / "aligned"), str(root / "base")
     normalign.save_pretrained(model, aligned)
     processor.save_pretrained(aligned)
-    expected_aligned = transformers_generate(model, processor)
+    expected_aligned = transformers_generate(model, processor, family=family)
     normalign.unpatch(model)
     model.save_pretrained(base)
     processor.save_pretrained(base)
-    expected_base = transformers_generate(model, processor)
+    expected_base = transformers_generate(model, processor, family=family)
     # The plugin's parameters must matter, or token equality below would prove nothing.
     assert expected_aligned != expected_base
     assert len({len(p.split()) for p in PROMPTS}) == len(PROMPTS)
     return {"aligned": aligned, "base": base, "expected": expected_aligned, "expected_base": expected_base}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return _served(tmp_path_factory.mktemp("llava"), "llava")
+
+
+@pytest.fixture(scope="module")
+def qwen_checkpoint(tmp_path_factory):
+    return _served(tmp_path_factory.mktemp("qwen2_5_vl"), "qwen2_5_vl")
 
 
 def test_transformers_backend_matches_patched_transformers(checkpoint):
@@ -84,6 +92,28 @@ def test_compile_chunked_prefill_and_prefix_caching(checkpoint):
     )
     assert first == checkpoint["expected"]
     assert second == checkpoint["expected"]
+
+
+def test_qwen2_5_vl_matches_patched_transformers(qwen_checkpoint):
+    # M-RoPE positions, the Qwen vision tower and its patch merger run in vLLM; 3 images, 19/38/59-token prompts.
+    (tokens,) = vllm_generate(qwen_checkpoint["aligned"], family="qwen2_5_vl", **TRANSFORMERS_BACKEND)
+    assert tokens == qwen_checkpoint["expected"]
+
+
+def test_qwen2_5_vl_compile_chunked_prefill_and_prefix_caching(qwen_checkpoint):
+    # 10 tokens a step split the first prompt's image (positions 9..12) between its first two steps.
+    first, second = vllm_generate(
+        qwen_checkpoint["aligned"],
+        family="qwen2_5_vl",
+        repeats=2,
+        enforce_eager=False,
+        enable_chunked_prefill=True,
+        max_num_batched_tokens=10,
+        enable_prefix_caching=True,
+        **TRANSFORMERS_BACKEND,
+    )
+    assert first == qwen_checkpoint["expected"]
+    assert second == qwen_checkpoint["expected"]
 
 
 def test_serve_openai_example(tmp_path):
