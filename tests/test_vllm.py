@@ -1,4 +1,4 @@
-"""vLLM serves aligned checkpoints (LLaVA, Qwen2.5-VL) with the projector LayerNorm and MoCa active (issue 16).
+"""vLLM serves aligned checkpoints (LLaVA, Qwen2-VL, Qwen2.5-VL) with LayerNorm and MoCa active (issue 16).
 
 Runs only where vLLM is importable: ``bash scripts/make_vllm_env.sh && .vllm-venv/bin/python -m pytest
 tests/test_vllm.py``. Each vLLM run is a child process (~30 s on 2 cores): vLLM loads its plugins once per process.
@@ -42,7 +42,13 @@ def _served(root, family: str) -> dict:
     # The plugin's parameters must matter, or token equality below would prove nothing.
     assert expected_aligned != expected_base
     assert len({len(p.split()) for p in PROMPTS}) == len(PROMPTS)
-    return {"aligned": aligned, "base": base, "expected": expected_aligned, "expected_base": expected_base}
+    return {
+        "family": family,
+        "aligned": aligned,
+        "base": base,
+        "expected": expected_aligned,
+        "expected_base": expected_base,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +56,9 @@ def checkpoint(tmp_path_factory):
     return _served(tmp_path_factory.mktemp("llava"), "llava")
 
 
-@pytest.fixture(scope="module")
-def qwen_checkpoint(tmp_path_factory):
-    return _served(tmp_path_factory.mktemp("qwen2_5_vl"), "qwen2_5_vl")
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+def qwen_checkpoint(tmp_path_factory, request):
+    return _served(tmp_path_factory.mktemp(request.param), request.param)
 
 
 def test_transformers_backend_matches_patched_transformers(checkpoint):
@@ -94,17 +100,17 @@ def test_compile_chunked_prefill_and_prefix_caching(checkpoint):
     assert second == checkpoint["expected"]
 
 
-def test_qwen2_5_vl_matches_patched_transformers(qwen_checkpoint):
+def test_qwen_vl_matches_patched_transformers(qwen_checkpoint):
     # M-RoPE positions, the Qwen vision tower and its patch merger run in vLLM; 3 images, 19/38/59-token prompts.
-    (tokens,) = vllm_generate(qwen_checkpoint["aligned"], family="qwen2_5_vl", **TRANSFORMERS_BACKEND)
+    (tokens,) = vllm_generate(qwen_checkpoint["aligned"], family=qwen_checkpoint["family"], **TRANSFORMERS_BACKEND)
     assert tokens == qwen_checkpoint["expected"]
 
 
-def test_qwen2_5_vl_compile_chunked_prefill_and_prefix_caching(qwen_checkpoint):
+def test_qwen_vl_compile_chunked_prefill_and_prefix_caching(qwen_checkpoint):
     # 10 tokens a step split the first prompt's image (positions 9..12) between its first two steps.
     first, second = vllm_generate(
         qwen_checkpoint["aligned"],
-        family="qwen2_5_vl",
+        family=qwen_checkpoint["family"],
         repeats=2,
         enforce_eager=False,
         enable_chunked_prefill=True,
