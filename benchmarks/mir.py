@@ -40,10 +40,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mir_math import naive_fid, random_features, random_spd, scipy_trace_sqrt, timed
 
-from hf_normalign.diagnostics.capture import capture, encode_probe, vision_token_ids
-from hf_normalign.diagnostics.frechet import frechet_distance, trace_sqrt_product
-from hf_normalign.diagnostics.mir import mir
-from hf_normalign.diagnostics.probe import default_probe
+from hf_normalign.diagnostics.engine import capture
+from hf_normalign.diagnostics.maths.frechet import frechet_distance, trace_sqrt_product
+from hf_normalign.diagnostics.metrics.mir import mir
+from hf_normalign.diagnostics.model_facts import vision_token_ids
+from hf_normalign.diagnostics.probes import default_probe, encode_probe
 from hf_normalign.testing import tiny_model, tiny_processor
 
 

@@ -18,9 +18,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from .diagnostics.capture import EncodedSample, prepare_probe
-from .diagnostics.mir import mir
-from .diagnostics.mir_math import MIRResult
+from .diagnostics import EncodedSample, MIRResult, mir, prepare_probe
 
 __all__ = ["MIRCallback"]
 

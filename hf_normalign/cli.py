@@ -267,7 +267,7 @@ COMMANDS: dict[str, Command] = {
         "Modality Integration Rate of a model",
         "MIR of a VLM (local path or Hub id): per-layer FID table, the MIR, optional JSON.",
         _mir_arguments,
-        "hf_normalign.diagnostics.mir:_main",
+        "hf_normalign.diagnostics.metrics.mir:_main",
     ),
     "report": Command(
         "HTML report of the modality-gap diagnostics",

@@ -16,6 +16,9 @@ from torch import nn
 _REGISTRY: dict[str, ArchitectureSpec] = {}
 
 
+VISION_GRIDS: tuple[str, ...] = ("square", "overview_tile")
+
+
 @dataclass(frozen=True)
 class ArchitectureSpec:
     """Where the projector, LLM and vision tower of one VLM family are.
@@ -32,6 +35,9 @@ class ArchitectureSpec:
             (Qwen3-VL's deepstack mergers, a ModuleList).
         layers_attr / embed_attr: attribute names of the decoder layers and input embedding on the
             language model.
+        vision_grid: how an image's vision tokens lie on its picture, for the diagnostics' patch labels:
+            ``"square"`` (a square count of tokens is one row-major grid) or ``"overview_tile"`` (an overview
+            tile of (image_size / patch_size)^2 tokens first, then high-res tiles: LLaVA-NeXT / OneVision).
 
     Example:
         >>> spec = ArchitectureSpec(
@@ -51,6 +57,11 @@ class ArchitectureSpec:
     layers_attr: str = "layers"
     embed_attr: str = "embed_tokens"
     lm_head: str = "lm_head"
+    vision_grid: str = "square"
+
+    def __post_init__(self) -> None:
+        if self.vision_grid not in VISION_GRIDS:
+            raise ValueError(f"vision_grid must be one of {', '.join(VISION_GRIDS)}, got {self.vision_grid!r}")
 
     def get(self, model: nn.Module, path: str) -> nn.Module:
         try:

@@ -4,4 +4,4 @@ from hf_normalign.registry import ArchitectureSpec, register_architecture
 
 from ._layouts import LLAVA_STYLE
 
-SPEC = register_architecture(ArchitectureSpec(model_type="llava_next", **LLAVA_STYLE))
+SPEC = register_architecture(ArchitectureSpec(model_type="llava_next", **LLAVA_STYLE, vision_grid="overview_tile"))

@@ -546,7 +546,7 @@ def _scales(model: LlavaForConditionalGeneration, heldout: EncodedSplit) -> dict
 
 def _probe(split: Split, num: int, seed: int):
     """Held-out images, each paired with an unrelated text passage (as the MIR paper's probe)."""
-    from ..diagnostics.probe import Probe
+    from ..diagnostics.probes import Probe
 
     scenes = split.heldout[:num]
     texts = passages(seed + 1, len(scenes))

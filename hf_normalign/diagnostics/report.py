@@ -42,10 +42,13 @@ import torch
 from tqdm.auto import tqdm
 
 from . import plots
-from .degradation import DegradationResult, visual_degradation
 from .html import GLOSSARY, Raw, best_row, column_decimals, figure, format_fixed, glossary, page, section, table
-from .keyspace import KeySpaceResult, key_space_gap
-from .profile import ModalityProfile, json_float, modality_profile
+from .maths.mir import MIRResult
+from .metrics.degradation import DegradationResult, visual_degradation
+from .metrics.keyspace import KeySpaceResult, key_space_gap
+from .metrics.mir import mir
+from .metrics.profile import ModalityProfile, modality_profile
+from .results import Result, json_float
 
 __all__ = ["METRICS", "Report", "build_report", "coincidence_note", "format_number", "plot_caption"]
 
@@ -159,8 +162,6 @@ def _run_metric(
     if metric == "profile":
         return modality_profile(model, processor, probe, num_samples=opts["num_samples"], **common)
     if metric == "mir":
-        from .mir import mir
-
         return mir(model, processor, probe, num_samples=opts["num_samples"], **common)
     if metric == "key_space":
         return key_space_gap(
@@ -384,50 +385,12 @@ _TERMS: dict[str, tuple[str, ...]] = {
     "degradation": ("layer numbering",),
 }
 
-# metric -> (columns of its per-layer table: JSON key -> header), JSON key holding the layer numbers
-_TABLES: dict[str, tuple[dict[str, str], str]] = {
-    "profile": (
-        {
-            "vision_norm_mean": "|vision| mean",
-            "vision_norm_std": "|vision| std",
-            "vision_norm_median": "|vision| median",
-            "text_norm_mean": "|text| mean",
-            "text_norm_std": "|text| std",
-            "text_norm_median": "|text| median",
-            "norm_ratio": "ratio",
-        },
-        "layers",
-    ),
-    "mir": ({"per_layer": "FID"}, "layers"),
-    "key_space": (
-        {
-            "mmd2": "MMD²",
-            "mmd": "MMD",
-            "mmd2_unbiased": "MMD² unbiased",
-            "mmd2_biased": "MMD² biased",
-            "mmd2_vision_halves": "MMD² V|V",
-            "mmd2_text_halves": "MMD² T|T",
-            "jsd": "JSD",
-            "jsd_vision_halves": "JSD V|V",
-            "jsd_text_halves": "JSD T|T",
-            "bandwidth": "bandwidth h",
-            "jsd_bins": "JSD bins/axis",
-        },
-        "layers",
-    ),
-    "degradation": (
-        {
-            "effective_dim": "effective dim",
-            "offdiag_corr": "|corr|",
-            "offdiag_corr_signed": "corr (signed)",
-            "cohesion": "cohesion",
-            "coupling": "coupling",
-            "contrast_ratio": "contrast cohesion/coupling",
-            "contrast_ratio_shifted": "contrast (1+coh)/(1+coup)",
-            "probe_accuracy": "probe accuracy",
-        },
-        "layers",
-    ),
+# metric -> its result class: the per-layer tables of the report are the class's ``TABLES``
+_RESULTS: dict[str, type[Result]] = {
+    "profile": ModalityProfile,
+    "mir": MIRResult,
+    "key_space": KeySpaceResult,
+    "degradation": DegradationResult,
 }
 
 # summary key -> which value is best across models ("min", "max", "one" = ratio closest to 1)
@@ -465,16 +428,13 @@ def _fixed_columns(columns: Sequence[Sequence[Any]]) -> list[list[Any]]:
 
 
 def _layer_table(metric: str, result: Mapping[str, Any]) -> str:
-    columns, layer_key = _TABLES[metric]
-    present = {k: h for k, h in columns.items() if result.get(k) is not None}
-    cols = _fixed_columns([result[k] for k in present])
-    rows = [[layer, *(col[i] for col in cols)] for i, layer in enumerate(result[layer_key])]
-    out = table(["layer", *present.values()], rows)
-    if metric == "profile":  # the update cosines are per decoder layer, a separate index
-        vision, text = _fixed_columns([result["vision_update_cos"], result["text_update_cos"]])
-        out += table(
-            ["decoder layer", "cos vision", "cos text"], zip(result["update_layers"], vision, text, strict=True)
-        )
+    """The HTML tables of one result (its ``to_dict()``), one per ``TABLES`` entry of its class."""
+    out = ""
+    for t in _RESULTS[metric].TABLES:
+        present = [c for c in t.columns if c.report and result.get(c.key) is not None]
+        cols = _fixed_columns([result[c.key] for c in present])
+        rows = [[index, *(col[i] for col in cols)] for i, index in enumerate(result[t.index])]
+        out += table([t.index_header, *(c.header for c in present)], rows)
     return out
 
 
@@ -511,7 +471,7 @@ def plot_caption(stem: str, results: Mapping[str, Mapping[str, Any]]) -> str:
     models that coincide in it. ``results``: model name -> that plot's metric as ``to_dict()``.
 
     Example:
-        >>> plot_caption("mir", {"a": {"per_layer": [3.0, 1.0]}, "b": {"per_layer": [3.0, 1.0]}})[-60:]
+        >>> plot_caption("mir", {"a": {"per_layer": [3.0, 1.0]}, "b": {"per_layer": [3.0, 1.0]}})[-78:]
         'a and b coincide here (within 1% of the axis range); their markers are nested.'
     """
     caption, keys = _PLOTS[stem][2], _PLOTS[stem][3]
@@ -641,7 +601,7 @@ def _main(args: argparse.Namespace) -> int:
     probe = None
     try:
         if args.images is not None:
-            from .probe import load_probe
+            from .probes import load_probe
 
             probe = load_probe(args.images, args.texts, num_samples=args.num_samples, seed=args.seed)
         models = {name: _load(src, device, args.dtype) for name, src in zip(_names(sources), sources, strict=True)}

@@ -14,7 +14,7 @@ raises ``ValueError`` naming it. Subsets are drawn with :meth:`Probe.sample` (se
 kept), so the same ``(num_samples, seed)`` always picks the same pairs.
 
 Example:
-    >>> from hf_normalign.diagnostics.probe import default_probe
+    >>> from hf_normalign.diagnostics.probes import default_probe
     >>> probe = default_probe()
     >>> len(probe), probe[0].name
     (100, 'default/000-document')
@@ -38,6 +38,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 __all__ = [
+    "DEFAULT_KINDS",
     "DEFAULT_PROBE_SIZE",
     "IMAGE_EXTENSIONS",
     "Probe",
@@ -51,7 +52,7 @@ __all__ = [
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 DEFAULT_PROBE_SIZE = 100  # passages shipped with the project
-_KINDS = ("document", "chart", "scene")
+DEFAULT_KINDS: tuple[str, ...] = ("document", "chart", "scene")  # image classes, in turn
 
 ImageSource = Image.Image | str | Path | Callable[[], Image.Image]
 
@@ -179,7 +180,7 @@ def default_probe(num_samples: int = DEFAULT_PROBE_SIZE, seed: int = 0, *, image
             "use load_probe or probe_from_dataset for a larger probe set"
         )
     samples = [
-        ProbeSample(_DrawnImage(i, seed, image_size), text, f"default/{i:03d}-{_KINDS[i % 3]}")
+        ProbeSample(_DrawnImage(i, seed, image_size), text, f"default/{i:03d}-{DEFAULT_KINDS[i % 3]}")
         for i, text in enumerate(passages)
     ]
     probe = Probe(samples, name=f"default (seed {seed})")

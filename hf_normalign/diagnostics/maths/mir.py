@@ -38,18 +38,19 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from ..results import Column, Result, Table
 from .frechet import (
     SQRT_METHODS,
     GaussianMoments,
     SqrtMethod,
-    _to_f64,
     frechet_distance,
     frechet_from_moments,
+    to_f64,
 )
 
 __all__ = ["OUTLIER_MODES", "OUTLIER_STATS", "MIRResult", "StreamingMIR", "mir_from_features"]
@@ -61,13 +62,8 @@ OUTLIER_STATS: tuple[str, ...] = ("torch", "numpy")
 _DEFAULT_THRESHOLD = {"iqr": 1.5}
 
 
-def _encode_float(x: float) -> float | str:
-    # Strict JSON has no NaN/inf; keep them round-trippable as strings.
-    return x if math.isfinite(x) else str(x)
-
-
 @dataclass
-class MIRResult:
+class MIRResult(Result):
     """MIR and its per-layer parts.
 
     Attributes:
@@ -99,43 +95,26 @@ class MIRResult:
     num_text_outliers: list[int] = field(default_factory=list)
     text_scale: list[float] = field(default_factory=list)
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-serialisable dict (non-finite floats become "inf" / "-inf" / "nan")."""
-        out = asdict(self)
-        out["mir"] = _encode_float(self.mir)
-        out["per_layer"] = [_encode_float(v) for v in self.per_layer]
-        out["text_scale"] = [_encode_float(v) for v in self.text_scale]
-        return out
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> MIRResult:
-        """Inverse of :meth:`to_dict`."""
-        kwargs = dict(data)
-        kwargs["mir"] = float(kwargs["mir"])
-        kwargs["per_layer"] = [float(v) for v in kwargs["per_layer"]]
-        kwargs["text_scale"] = [float(v) for v in kwargs.get("text_scale", [])]
-        kwargs["settings"] = dict(kwargs.get("settings", {}))
-        return cls(**kwargs)
-
-    def format_table(self) -> str:
-        """Per-layer table: FID, share of the sum, tokens used and outliers flagged per modality."""
-        total = sum(self.per_layer)
-        head = "  ".join(
+    TABLES = (
+        Table(
+            "layers",
+            "layer",
             (
-                f"{'layer':>5}",
-                f"{'FID':>12}",
-                f"{'share':>6}",
-                f"{'vision tok (outl.)':>18}",
-                f"{'text tok (outl.)':>16}",
-            )
-        )
-        lines = [head, "-" * len(head)]
-        for i, (layer, fid) in enumerate(zip(self.layers, self.per_layer, strict=True)):
-            share = f"{100 * fid / total:5.1f}%" if total > 0 else "   n/a"
-            vis = _count_cell(self.num_vision_tokens, self.num_vision_outliers, i)
-            txt = _count_cell(self.num_text_tokens, self.num_text_outliers, i)
-            lines.append(f"{layer:>5}  {fid:>12.5g}  {share:>6}  {vis:>18}  {txt:>16}")
-        return "\n".join(lines)
+                Column("per_layer", "FID", ".5g"),
+                Column("share", "share", ".1%", report=False),
+                Column("num_vision_tokens", "vision tok", "d", report=False),
+                Column("num_vision_outliers", "vision outl.", "d", report=False),
+                Column("num_text_tokens", "text tok", "d", report=False),
+                Column("num_text_outliers", "text outl.", "d", report=False),
+            ),
+        ),
+    )
+
+    @property
+    def share(self) -> list[float]:
+        """Each layer's FID as a fraction of their sum (NaN when the sum is not positive)."""
+        total = sum(self.per_layer)
+        return [fid / total if total > 0 else math.nan for fid in self.per_layer]
 
     def __str__(self) -> str:
         base = self.settings.get("log_base", 10)
@@ -146,12 +125,6 @@ class MIRResult:
             f"{sum(self.per_layer):.5g}; {samples}{how})"
         )
         return summary + "\n" + self.format_table()
-
-
-def _count_cell(tokens: list[int], outliers: list[int], i: int) -> str:
-    if i >= len(tokens):
-        return "?"
-    return f"{tokens[i]} ({outliers[i]})" if i < len(outliers) else str(tokens[i])
 
 
 def _median(x: torch.Tensor, stats: str, dim: int = 0) -> torch.Tensor:
@@ -255,8 +228,8 @@ def _settings(
 
 def _layer_features(v: Any, t: Any, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """float64 vision and text features of one layer, checked, with their per-token L2 norms."""
-    vs = _to_f64(v, "vision features", name)
-    ts = _to_f64(t, "text features", name).to(vs.device)
+    vs = to_f64(v, "vision features", name)
+    ts = to_f64(t, "text features", name).to(vs.device)
     for what, x in (("vision features", vs), ("text features", ts)):
         if x.ndim != 2:
             raise ValueError(f"{name}: {what} must be 2-D [tokens, dim], got shape {tuple(x.shape)}")
