@@ -4,7 +4,8 @@ declaration.
 A result is a dataclass of per-layer lists plus scalars and a ``settings`` dict. It declares its per-layer
 tables once (:class:`Table` of :class:`Column`); :meth:`Result.format_table` prints them and the HTML report
 (:mod:`.report`) draws the same columns. Non-finite floats are written to JSON as the strings "nan", "inf",
-"-inf" (strict JSON has no NaN) and read back by :meth:`Result.from_dict` in every field typed with ``float``.
+"-inf" (strict JSON has no NaN) and read back by :meth:`Result.from_dict` in every field typed with ``float``
+or ``Any``.
 
 Example:
     >>> from dataclasses import dataclass
@@ -102,10 +103,10 @@ class Result:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Any:
-        """Inverse of :meth:`to_dict`: the fields typed with ``float`` get their non-finite strings back."""
+        """Inverse of :meth:`to_dict`: fields typed with ``float`` or ``Any`` get their non-finite strings back."""
         kwargs = dict(data)
         for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-            if f.name in kwargs and "float" in str(f.type):
+            if f.name in kwargs and ("float" in str(f.type) or "Any" in str(f.type)):
                 kwargs[f.name] = _decode(kwargs[f.name])
         return cls(**kwargs)
 
