@@ -23,7 +23,8 @@ from torch import nn
 from transformers.utils import logging
 
 from .config import METHODS
-from .persistence import CONFIG_NAME, WEIGHTS_NAME, CheckpointInfo, NormAlignCheckpointError, save_pretrained
+from .persistence.format import CONFIG_NAME, WEIGHTS_NAME, CheckpointInfo, NormAlignCheckpointError
+from .persistence.save import save_pretrained
 
 logger = logging.get_logger(__name__)
 
@@ -254,7 +255,7 @@ def push_to_hub(
 # --- command line: `normalign push` --------------------------------------------------------------------------
 
 
-def _run_push(args: argparse.Namespace) -> int:
+def run_push(args: argparse.Namespace) -> int:
     """``normalign push`` (options in hf_normalign.cli)."""
     commit = push_to_hub(
         args.directory,

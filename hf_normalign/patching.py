@@ -39,6 +39,7 @@ from .config import METHODS, NormAlignConfig
 from .methods.moca import MoCaLayer, moca_key
 from .methods.pre import InjectAuxLoss, PReHead, pre_loss
 from .methods.projector_norm import ProjectorLayerNorm
+from .modeling import get_base_model
 from .registry import ArchitectureSpec, embedding_scale, get_spec
 
 ATTRIBUTE = "normalign"
@@ -360,15 +361,8 @@ def _check_loss_scaling(plugin: NormAlignModules, hidden: torch.Tensor) -> None:
 # --- public API ----------------------------------------------------------------------------------
 
 
-def _base_model(model: nn.Module) -> nn.Module:
-    """The `...ForConditionalGeneration` under a `torch.compile` and/or PEFT wrapper (or the model itself)."""
-    model = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
 def get_plugin(model: nn.Module) -> NormAlignModules | None:
-    plugin = getattr(_base_model(model), ATTRIBUTE, None)
+    plugin = getattr(get_base_model(model), ATTRIBUTE, None)
     return plugin if isinstance(plugin, NormAlignModules) else None
 
 
@@ -499,7 +493,7 @@ def patch(
         )
     # A private copy: editing the caller's config afterwards must not change the patched model.
     config = NormAlignConfig.from_dict(_resolve_config(config, methods, overrides).to_dict())
-    base = _base_model(model)
+    base = get_base_model(model)
     existing = get_plugin(base)
     if existing is not None:
         if existing.config == config:
@@ -577,7 +571,7 @@ def _register_hooks(plugin, base, spec, layers, projectors, moca_layers) -> None
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Remove every hook and plugin module; forward and `state_dict` are exactly as before `patch`."""
-    base = _base_model(model)
+    base = get_base_model(model)
     plugin = get_plugin(base)
     if plugin is None:
         raise ValueError("This model is not patched by hf-normalign; nothing to unpatch.")

@@ -1,7 +1,7 @@
 """Idefics3."""
 
-from hf_normalign.registry import ArchitectureSpec, register_architecture
+from hf_normalign.spec import ArchitectureSpec
 
 from ._layouts import IDEFICS_STYLE
 
-SPEC = register_architecture(ArchitectureSpec(model_type="idefics3", **IDEFICS_STYLE))
+SPEC = ArchitectureSpec(model_type="idefics3", **IDEFICS_STYLE)

@@ -1,7 +1,7 @@
 """InternVL, the transformers-native `InternVLForConditionalGeneration` (no remote code)."""
 
-from hf_normalign.registry import ArchitectureSpec, register_architecture
+from hf_normalign.spec import ArchitectureSpec
 
 from ._layouts import LLAVA_STYLE
 
-SPEC = register_architecture(ArchitectureSpec(model_type="internvl", **LLAVA_STYLE))
+SPEC = ArchitectureSpec(model_type="internvl", **LLAVA_STYLE)

@@ -1,7 +1,7 @@
 """LLaVA / LLaVA-1.5 (`LlavaForConditionalGeneration`)."""
 
-from hf_normalign.registry import ArchitectureSpec, register_architecture
+from hf_normalign.spec import ArchitectureSpec
 
 from ._layouts import LLAVA_STYLE
 
-SPEC = register_architecture(ArchitectureSpec(model_type="llava", **LLAVA_STYLE))
+SPEC = ArchitectureSpec(model_type="llava", **LLAVA_STYLE)

@@ -1,7 +1,7 @@
 """LLaVA-NeXT: the `image_newline` tokens after the projector output count as vision positions."""
 
-from hf_normalign.registry import ArchitectureSpec, register_architecture
+from hf_normalign.spec import ArchitectureSpec
 
 from ._layouts import LLAVA_STYLE
 
-SPEC = register_architecture(ArchitectureSpec(model_type="llava_next", **LLAVA_STYLE))
+SPEC = ArchitectureSpec(model_type="llava_next", **LLAVA_STYLE)

@@ -1,7 +1,7 @@
 """Qwen2-VL."""
 
-from hf_normalign.registry import ArchitectureSpec, register_architecture
+from hf_normalign.spec import ArchitectureSpec
 
 from ._layouts import QWEN_STYLE
 
-SPEC = register_architecture(ArchitectureSpec(model_type="qwen2_vl", **QWEN_STYLE))
+SPEC = ArchitectureSpec(model_type="qwen2_vl", **QWEN_STYLE)

@@ -2,10 +2,8 @@
 after the first decoder layers; `ProjectorNormConfig(deepstack=...)` decides whether they are
 normalised too."""
 
-from hf_normalign.registry import ArchitectureSpec, register_architecture
+from hf_normalign.spec import ArchitectureSpec
 
 from ._layouts import QWEN_STYLE
 
-SPEC = register_architecture(
-    ArchitectureSpec(model_type="qwen3_vl", extra_projectors=("model.visual.deepstack_merger_list",), **QWEN_STYLE)
-)
+SPEC = ArchitectureSpec(model_type="qwen3_vl", extra_projectors=("model.visual.deepstack_merger_list",), **QWEN_STYLE)
