@@ -40,13 +40,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..callbacks.pre import NormAlignCallback
 from ..callbacks.stack import calling_trainer
 from ..config import NormAlignConfig
 from ..modeling import get_base_model
 from ..patching import get_config, get_plugin, patch, unpatch
 from ..peft_utils import mark_plugin_trainable, plugin_lora_exclude_modules
 from ..persistence import save_pretrained
-from ..trainer import NormAlignCallback
 
 __all__ = ["TRAINERS", "NormAlignTRLCallback", "reference_model", "trl_kwargs"]
 
