@@ -7,9 +7,50 @@ resolved at call time, so wrappers that swap a module (PEFT's `modules_to_save`)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
+
+
+@dataclass(frozen=True)
+class TinyRecipe:
+    """How `hf_normalign.testing` builds a tiny offline model, tokenizer, processor and batch of one family.
+
+    The strings name layouts implemented once in `hf_normalign.testing` (shared by several families), so a
+    family's test recipe is data next to its spec and the testing code holds no per-family table.
+
+    Args:
+        config: keyword arguments of `AutoConfig.for_model(model_type, ...)` for the tiny model.
+        specials: tokenizer attribute -> (token, id) of the family's named special tokens.
+        prompt_image: what a prompt holds for one image (the processor expands it).
+        image_tokens: placeholder count rule: "vit", "anyres", "anyres_overview" (LLaVA-OneVision: several
+            images get the overview tile only), "merged_grid" (Qwen), "shuffled" (InternVL), "fixed"
+            (`mm_tokens_per_image`), "scaled" (Idefics3), "merged" (Pixtral).
+        image_block: ids around the placeholders: "plain", "wrapped", "idefics", "pixtral".
+        pixels: pixel inputs: "flat", "sized", "anyres", "anyres_batched" (+ `batch_num_images`), "grid_thw"
+            (Qwen patches + `image_grid_thw`), "tiled" (Idefics3 + `pixel_attention_mask`).
+        processor: processor builder: "llava", "onevision", "qwen", "internvl", "gemma3", "idefics", "paligemma",
+            "pixtral"; `processor_classes` names its transformers (processor, image processor) classes.
+        token_type: "mm" (Qwen `mm_token_type_ids`), "image" (Gemma3) or "prefix" (PaliGemma) `token_type_ids`.
+        extra_tokens: unnamed special tokens at fixed ids.
+        width_key: (section, key) of the config value that must equal the text hidden size ("" = top level).
+        vision_cls: the vision tower emits a CLS token (CLIP), kept with the "full" feature strategy.
+    """
+
+    config: Mapping[str, Any]
+    specials: Mapping[str, tuple[str, int]]
+    prompt_image: str
+    image_tokens: str
+    image_block: str
+    pixels: str
+    processor: str
+    processor_classes: tuple[str, ...] = ()
+    token_type: str = ""
+    extra_tokens: tuple[tuple[str, int], ...] = ()
+    width_key: tuple[str, str] | None = None
+    vision_cls: bool = False
 
 
 @dataclass(frozen=True)
@@ -28,6 +69,7 @@ class ArchitectureSpec:
             (Qwen3-VL's deepstack mergers, a ModuleList).
         layers_attr / embed_attr: attribute names of the decoder layers and input embedding on the
             language model.
+        tiny: the recipe `hf_normalign.testing` builds tiny models of this family from (built-in families).
 
     Example:
         >>> spec = ArchitectureSpec(
@@ -47,6 +89,7 @@ class ArchitectureSpec:
     layers_attr: str = "layers"
     embed_attr: str = "embed_tokens"
     lm_head: str = "lm_head"
+    tiny: TinyRecipe | None = field(default=None, compare=False, repr=False)
 
     def get(self, model: nn.Module, path: str) -> nn.Module:
         try:

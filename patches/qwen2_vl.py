@@ -1,7 +1,30 @@
 """Qwen2-VL."""
 
-from hf_normalign.spec import ArchitectureSpec
+from hf_normalign.spec import ArchitectureSpec, TinyRecipe
 
 from ._layouts import QWEN_STYLE
+from ._tiny import MROPE, QWEN_IDS, QWEN_RECIPE, text
 
-SPEC = ArchitectureSpec(model_type="qwen2_vl", **QWEN_STYLE)
+SPEC = ArchitectureSpec(
+    model_type="qwen2_vl",
+    **QWEN_STYLE,
+    tiny=TinyRecipe(
+        config={
+            "text_config": text("qwen2_vl_text", rope_scaling={"type": "mrope", **MROPE}),
+            "vision_config": {
+                "depth": 2,
+                "embed_dim": 64,
+                "hidden_size": 64,
+                "num_heads": 2,
+                "mlp_ratio": 2,
+                "patch_size": 14,
+                "spatial_merge_size": 2,
+                "temporal_patch_size": 2,
+            },
+            **QWEN_IDS,
+        },
+        **QWEN_RECIPE,
+        processor_classes=("Qwen2VLProcessor", "Qwen2VLImageProcessorPil"),
+        width_key=("vision_config", "hidden_size"),
+    ),
+)
