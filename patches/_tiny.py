@@ -43,13 +43,22 @@ VIT = {
 }
 MROPE = {"mrope_section": [2, 3, 3]}  # sums to head_dim / 2
 PINPOINTS = [[32, 32], [32, 64], [64, 32]]
-IMAGE_SPECIALS = {"image_token": ("<image>", IMAGE_ID)}
 
 
 def text(model_type: str, **extra: Any) -> dict[str, Any]:
     """The tiny ``text_config`` of an LLM of ``model_type``."""
     return {"model_type": model_type, **TEXT, **extra}
 
+
+# LLaVA, LLaVA-NeXT, PaliGemma: one <image> token per placeholder, no markers around the block.
+IMAGE_SPECIALS = {"image_token": ("<image>", IMAGE_ID)}
+IMAGE_RECIPE = {"specials": IMAGE_SPECIALS, "prompt_image": "<image>", "image_block": "plain"}
+# LLaVA, LLaVA-NeXT: a CLIP vision tower under a Llama LLM.
+LLAVA_CONFIG = {
+    "text_config": text("llama"),
+    "vision_config": {"model_type": "clip_vision_model", **VIT},
+    "image_token_id": IMAGE_ID,
+}
 
 # Qwen2-VL, Qwen2.5-VL, Qwen3-VL.
 QWEN_IDS = {

@@ -3,22 +3,15 @@
 from hf_normalign.spec import ArchitectureSpec, TinyRecipe
 
 from ._layouts import LLAVA_STYLE
-from ._tiny import IMAGE_ID, IMAGE_SPECIALS, PINPOINTS, VIT, text
+from ._tiny import IMAGE_RECIPE, LLAVA_CONFIG, PINPOINTS
 
 SPEC = ArchitectureSpec(
     model_type="llava_next",
     **LLAVA_STYLE,
     tiny=TinyRecipe(
-        config={
-            "text_config": text("llama"),
-            "vision_config": {"model_type": "clip_vision_model", **VIT},
-            "image_token_id": IMAGE_ID,
-            "image_grid_pinpoints": PINPOINTS,
-        },
-        specials=IMAGE_SPECIALS,
-        prompt_image="<image>",
+        config={**LLAVA_CONFIG, "image_grid_pinpoints": PINPOINTS},
+        **IMAGE_RECIPE,
         image_tokens="anyres",
-        image_block="plain",
         pixels="anyres",
         processor="llava",
         vision_cls=True,

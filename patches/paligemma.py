@@ -3,7 +3,7 @@
 from hf_normalign.spec import ArchitectureSpec, TinyRecipe
 
 from ._layouts import LLAVA_STYLE
-from ._tiny import IMAGE_ID, IMAGE_SPECIALS, VIT, text
+from ._tiny import IMAGE_ID, IMAGE_RECIPE, VIT, text
 
 SPEC = ArchitectureSpec(
     model_type="paligemma",
@@ -15,10 +15,8 @@ SPEC = ArchitectureSpec(
             "image_token_id": IMAGE_ID,
             "projection_dim": 64,
         },
-        specials=IMAGE_SPECIALS,
-        prompt_image="<image>",
+        **IMAGE_RECIPE,
         image_tokens="vit",
-        image_block="plain",
         pixels="flat",
         processor="paligemma",
         processor_classes=("PaliGemmaProcessor", "SiglipImageProcessorPil"),
