@@ -67,6 +67,8 @@ QWEN_IDS = {
     "vision_start_token_id": IMG_START_ID,
     "vision_end_token_id": IMG_END_ID,
 }
+# What the three Qwen vision towers share (their own keys are added in each family's module).
+QWEN_VISION = {"depth": 2, "hidden_size": 64, "num_heads": 2, "spatial_merge_size": 2, "temporal_patch_size": 2}
 QWEN_RECIPE = {
     "specials": {
         "image_token": ("<|image_pad|>", IMAGE_ID),

@@ -3,7 +3,7 @@
 from hf_normalign.spec import ArchitectureSpec, TinyRecipe
 
 from ._layouts import QWEN_STYLE
-from ._tiny import MROPE, QWEN_IDS, QWEN_RECIPE, text
+from ._tiny import MROPE, QWEN_IDS, QWEN_RECIPE, QWEN_VISION, text
 
 SPEC = ArchitectureSpec(
     model_type="qwen2_5_vl",
@@ -12,16 +12,12 @@ SPEC = ArchitectureSpec(
         config={
             "text_config": text("qwen2_5_vl_text", rope_scaling={"type": "mrope", **MROPE}),
             "vision_config": {
-                "depth": 2,
-                "hidden_size": 64,
+                **QWEN_VISION,
                 "intermediate_size": 128,
                 "out_hidden_size": 64,
-                "num_heads": 2,
                 "fullatt_block_indexes": [1],
                 "window_size": 112,
                 "patch_size": 14,
-                "spatial_merge_size": 2,
-                "temporal_patch_size": 2,
             },
             **QWEN_IDS,
         },

@@ -3,7 +3,7 @@
 from hf_normalign.spec import ArchitectureSpec, TinyRecipe
 
 from ._layouts import QWEN_STYLE
-from ._tiny import MROPE, QWEN_IDS, QWEN_RECIPE, text
+from ._tiny import MROPE, QWEN_IDS, QWEN_RECIPE, QWEN_VISION, text
 
 SPEC = ArchitectureSpec(
     model_type="qwen2_vl",
@@ -12,14 +12,10 @@ SPEC = ArchitectureSpec(
         config={
             "text_config": text("qwen2_vl_text", rope_scaling={"type": "mrope", **MROPE}),
             "vision_config": {
-                "depth": 2,
+                **QWEN_VISION,
                 "embed_dim": 64,
-                "hidden_size": 64,
-                "num_heads": 2,
                 "mlp_ratio": 2,
                 "patch_size": 14,
-                "spatial_merge_size": 2,
-                "temporal_patch_size": 2,
             },
             **QWEN_IDS,
         },

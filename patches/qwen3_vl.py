@@ -5,7 +5,7 @@ normalised too."""
 from hf_normalign.spec import ArchitectureSpec, TinyRecipe
 
 from ._layouts import QWEN_STYLE
-from ._tiny import MROPE, QWEN_IDS, QWEN_RECIPE, text
+from ._tiny import MROPE, QWEN_IDS, QWEN_RECIPE, QWEN_VISION, text
 
 SPEC = ArchitectureSpec(
     model_type="qwen3_vl",
@@ -17,15 +17,11 @@ SPEC = ArchitectureSpec(
                 "qwen3_vl_text", rope_scaling={"rope_type": "default", "mrope_interleaved": True, **MROPE}
             ),
             "vision_config": {
-                "depth": 2,
-                "hidden_size": 64,
+                **QWEN_VISION,
                 "intermediate_size": 128,
                 "out_hidden_size": 64,
-                "num_heads": 2,
                 "deepstack_visual_indexes": [0, 1],
                 "patch_size": 16,
-                "spatial_merge_size": 2,
-                "temporal_patch_size": 2,
                 "num_position_embeddings": 16,
             },
             **QWEN_IDS,
