@@ -8,15 +8,22 @@ the median step time divided by the unpatched median.
 Memory: bytes of the tensors autograd saves for backward (deduplicated by storage), which is what
 grows with a method's activations; weights and gradients are listed separately.
 
-    python benchmarks/overhead.py            # the recorded configuration
+`--compile` adds two rows: the same train step with the model under `torch.compile(fullgraph=True)`,
+unpatched and with all three methods (two copies of the same weights, each compiled once, taking turns).
+Times are CPU seconds of this process (`time.process_time`), robust on a shared machine; `--wall` uses
+wall-clock time instead.
+
+    python benchmarks/overhead.py --compile  # the recorded configuration
     python benchmarks/overhead.py --quick    # smaller, for a smoke run
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from transformers import AutoConfig, AutoModelForImageTextToText
@@ -85,19 +92,39 @@ def saved_activation_bytes(model, batch) -> int:
     return sum(storages.values())
 
 
-def step(model, batch, optimizer) -> float:
-    start = time.perf_counter()
+def step(model, batch, optimizer, clock: Callable[[], float]) -> float:
+    start = clock()
     model(**batch).loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return time.perf_counter() - start
+    return clock() - start
+
+
+def compiled_rows(model, batch, repeats: int, clock: Callable[[], float]) -> dict[str, list[float]]:
+    """Median step times of the compiled unpatched and all-three models (warm-up steps compile)."""
+    patched = normalign.patch(copy.deepcopy(model), methods=VARIANTS["all three"])
+    runs = {
+        "unpatched (compiled)": torch.compile(model, fullgraph=True),
+        "all three (compiled)": torch.compile(patched, fullgraph=True),
+    }
+    optimizers = {name: torch.optim.SGD(m.parameters(), lr=1e-9) for name, m in runs.items()}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for repeat in range(repeats + 2):  # two warm-up rounds: compile, then the first cached run
+        for name, compiled in runs.items():
+            elapsed = step(compiled, batch, optimizers[name], clock)
+            if repeat >= 2:
+                times[name].append(elapsed)
+    return times
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="D=256, 2 layers, 144 vision tokens")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile(fullgraph=True) steps")
+    parser.add_argument("--wall", action="store_true", help="wall-clock instead of process CPU time")
     args = parser.parse_args()
+    clock = time.perf_counter if args.wall else time.process_time
     hidden, layers, image_size = (256, 2, 168) if args.quick else (1024, 8, 336)
     model = build(hidden, layers, image_size)
     batch = batch_for(model.config, batch_size=2, text_tokens=64)
@@ -116,20 +143,25 @@ def main() -> None:
             optimizer = torch.optim.SGD(model.parameters(), lr=1e-9)
             if repeat == 0:
                 memory[name] = saved_activation_bytes(model, batch)
-                step(model, batch, optimizer)
+                step(model, batch, optimizer, clock)
             else:
-                times[name].append(step(model, batch, optimizer))
+                times[name].append(step(model, batch, optimizer, clock))
             if methods:
                 normalign.unpatch(model)
 
     base_time = statistics.median(times["unpatched"])
-    print(f"{'variant':<16}{'median step s':>14}{'time ratio':>12}{'saved act. MiB':>16}{'memory ratio':>14}")
+    print(f"{'variant':<22}{'median step s':>14}{'time ratio':>12}{'saved act. MiB':>16}{'memory ratio':>14}")
     for name in VARIANTS:
         median = statistics.median(times[name])
         print(
-            f"{name:<16}{median:>14.3f}{median / base_time:>12.3f}"
+            f"{name:<22}{median:>14.3f}{median / base_time:>12.3f}"
             f"{memory[name] / 2**20:>16.1f}{memory[name] / memory['unpatched']:>14.3f}"
         )
+    if args.compile:
+        compiled = compiled_rows(model, batch, args.repeats, clock)
+        base = statistics.median(compiled["unpatched (compiled)"])
+        for name, values in compiled.items():
+            print(f"{name:<22}{statistics.median(values):>14.3f}{statistics.median(values) / base:>12.3f}")
 
 
 if __name__ == "__main__":

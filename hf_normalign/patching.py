@@ -257,6 +257,18 @@ def _projector_input_size(projector: nn.Module) -> int:
     return first.in_features
 
 
+def _refuse_partitioned(model: nn.Module) -> None:
+    """DeepSpeed ZeRO-3 (``deepspeed.zero.Init``) leaves empty placeholders (``ds_id``) instead of weights, and
+    patching measures the text-embedding norm and sizes the plugin from real weights."""
+    if any(hasattr(p, "ds_id") and p.numel() == 0 for p in model.parameters()):
+        raise ValueError(
+            "this model's parameters are partitioned by DeepSpeed ZeRO-3 (built under deepspeed.zero.Init: empty "
+            "placeholders with ds_id), so it cannot be patched. Load it whole (accelerate: zero3_init_flag: false, "
+            "as recipes/accelerate/deepspeed_zero3.yaml sets), patch, then let the Trainer / deepspeed.initialize "
+            "partition it."
+        )
+
+
 def patch(
     model: nn.Module,
     config: NormAlignConfig | dict | None = None,
@@ -290,6 +302,7 @@ def patch(
             "AutoModelForImageTextToText.from_pretrained(repo_id), or load an aligned checkpoint with "
             "hf_normalign.from_pretrained(repo_id)."
         )
+    _refuse_partitioned(model)
     # A private copy: editing the caller's config afterwards must not change the patched model.
     config = NormAlignConfig.from_dict(_resolve_config(config, methods, overrides).to_dict())
     base = get_base_model(model)

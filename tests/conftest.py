@@ -28,3 +28,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def processor_or_skip(family: str):
+    """`tiny_processor(family)`, or a skip naming why this transformers release cannot build it."""
+    from hf_normalign.testing import tiny_processor
+
+    try:
+        return tiny_processor(family)
+    except NotImplementedError as err:
+        pytest.skip(str(err))

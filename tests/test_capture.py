@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import REQUIRED_FAMILIES
+from conftest import REQUIRED_FAMILIES, processor_or_skip
 from helpers import vision_mask
 from PIL import Image
 
@@ -43,7 +43,7 @@ def reference_forward(model, sample: EncodedSample) -> tuple[tuple[torch.Tensor,
 
 @pytest.mark.parametrize("family", PROCESSOR_FAMILIES)
 def test_rows_equal_plain_forward(family):
-    model, proc = tiny_model(family), tiny_processor(family)
+    model, proc = tiny_model(family), processor_or_skip(family)
     samples = encode_probe(proc, default_probe(3))
     k = len(get_spec(model).decoder_layers(model))
     batches = list(
@@ -69,7 +69,7 @@ def test_rows_equal_plain_forward(family):
 
 @pytest.mark.parametrize("family", PROCESSOR_FAMILIES)
 def test_text_positions_are_exactly_the_passage(family):
-    proc = tiny_processor(family)
+    proc = processor_or_skip(family)
     probe = default_probe(2)
     for sample, encoded in zip(probe, encode_probe(proc, probe), strict=True):
         ids, mask = encoded.input_ids, encoded.text_mask
@@ -121,7 +121,7 @@ def _rows(model, proc, samples, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
 def test_batch_size_and_padding_side_do_not_matter(family):
     # Images of different sizes: LLaVA-NeXT tiles and Qwen patch grids differ per sample, so the
     # non-token inputs are padded / concatenated differently in every batch layout.
-    model, proc = tiny_model(family), tiny_processor(family)
+    model, proc = tiny_model(family), processor_or_skip(family)
     sizes = [(64, 32), (32, 32), (32, 64), (48, 40)]
     probe = Probe.from_pairs(
         (Image.new("RGB", s, (40 * i, 90, 200 - 30 * i)), default_probe(4)[i].text) for i, s in enumerate(sizes)

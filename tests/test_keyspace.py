@@ -2,6 +2,7 @@
 scipy, PCA against numpy, and the model-level keys against k_proj outputs captured here (every family)."""
 
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -253,3 +254,114 @@ def test_mmd_and_both_mmd2_estimators_by_hand():
     assert r.mmd2[0] == r.mmd2_unbiased[0]
     assert key_space_from_features([v], [t], bandwidth=h, bins=2, unbiased=False).mmd2[0] == pytest.approx(biased)
     assert abs(unbiased - biased) > 1e-3
+
+
+def _rms(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
+    # Llama/Qwen RMSNorm by hand in float64: weight * x / sqrt(mean(x^2) + eps).
+    return norm.weight.double() * x / torch.sqrt((x * x).mean(-1, keepdim=True) + norm.variance_epsilon)
+
+
+def _keys_by_hand(model, samples, layers, space):
+    """Keys of each layer in float64 from an output_hidden_states forward, one sample at a time:
+    input_layernorm -> k_proj -> k_norm -> RoPE, all written out here. Only the position embeddings the
+    decoder layer receives (and Qwen3-VL's deepstack features, added to the input of layer k + 1 after
+    hidden_states[k] is recorded) are taken with plain pre-hooks."""
+    decoder = get_spec(model).decoder_layers(model)
+    lm = get_spec(model).get(model, get_spec(model).language_model)
+    seen, handles = {}, []
+    for k in layers:
+        handles.append(decoder[k - 1].register_forward_pre_hook(
+            lambda m, a, kw, k=k: seen.__setitem__(k, kw["position_embeddings"]), with_kwargs=True))  # fmt: skip
+    handles.append(lm.register_forward_pre_hook(lambda m, a, kw: seen.__setitem__("lm", kw), with_kwargs=True))
+    vis, txt = {k: [] for k in layers}, {k: [] for k in layers}
+    try:
+        for s in samples:
+            with torch.no_grad():
+                states = model(**s.inputs, output_hidden_states=True).hidden_states
+            deepstack = seen["lm"].get("deepstack_visual_embeds") or []
+            vmask = vision_mask(model, s.inputs["input_ids"])[0]
+            for k in layers:
+                attn = decoder[k - 1].self_attn
+                h = states[k - 1][0].double().clone()
+                if 0 <= k - 2 < len(deepstack):
+                    h[vmask] += deepstack[k - 2].double()
+                h = _rms(h, decoder[k - 1].input_layernorm)
+                key = h @ attn.k_proj.weight.double().T
+                if attn.k_proj.bias is not None:
+                    key = key + attn.k_proj.bias.double()
+                key = key.view(h.shape[0], -1, attn.head_dim)  # [L, kv heads, head_dim]
+                if space != "k_proj" and getattr(attn, "k_norm", None) is not None:
+                    key = _rms(key, attn.k_norm)
+                if space == "post_rope":
+                    cos, sin = (t[0].double()[:, None, :] for t in seen[k])  # [L, 1, head_dim]
+                    half = key.shape[-1] // 2
+                    rotated = torch.cat([-key[..., half:], key[..., :half]], dim=-1)
+                    key = key * cos + rotated * sin
+                key = key.reshape(h.shape[0], -1)
+                vis[k].append(key[vmask])
+                txt[k].append(key[s.text_mask])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [torch.cat(vis[k]) for k in layers], [torch.cat(txt[k]) for k in layers]
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "llava"])
+def test_key_spaces_equal_keys_by_hand(family):
+    model, processor, samples = _encoded(family, 3)
+    has_norm = family == "qwen3_vl"
+    opts = dict(max_samples=None, scatter_points=20, seed=1)
+    stats = ("mmd2", "mmd2_biased", "mmd2_vision_halves", "mmd2_text_halves", "bandwidth", "jsd")
+    got = {}
+    for space in ("k_proj", "post_norm", "post_rope"):
+        got[space] = key_space_gap(model, processor, samples, batch_size=2, progress=False, keys=space, **opts)
+        vis, txt = _keys_by_hand(model, samples, got[space].layers, space)
+        want = key_space_from_features(vis, txt, layers=got[space].layers, **opts)
+        for key in stats:
+            np.testing.assert_allclose(
+                getattr(got[space], key), getattr(want, key), rtol=1e-4, atol=1e-7, err_msg=f"{space} {key}"
+            )
+        assert got[space].settings["key_space"] == space
+    # The three spaces differ where they should: k_norm changes the keys only where the model has one.
+    assert (got["post_norm"].bandwidth != got["k_proj"].bandwidth) == has_norm
+    assert got["post_rope"].bandwidth != got["post_norm"].bandwidth
+    assert ("equal to the k_proj output" in got["post_norm"].settings["keys"]) == (not has_norm)
+    with pytest.raises(ValueError, match="keys must be one of"):
+        key_space_gap(model, processor, samples, keys="post_attention", progress=False)
+
+
+def test_tsne_next_to_pca_is_sklearn_on_the_scatter_points_seeded():
+    pytest.importorskip("sklearn")
+    from sklearn.manifold import TSNE
+
+    g = torch.Generator().manual_seed(4)
+    v, t = (
+        torch.randn(40, 6, generator=g, dtype=torch.float64) + 2.5,
+        torch.randn(30, 6, generator=g, dtype=torch.float64),
+    )
+    opts = dict(bins=3, scatter_points=100, max_samples=None, seed=3)  # every row is a scatter point
+    r = key_space_from_features([v], [t], tsne=True, **opts)
+    pts = r.scatter["0"]["tsne"]
+    assert len(pts["vision"]) == 40 and len(pts["text"]) == 30
+    # By hand: scikit-learn on the pooled rows (vision first, original order), perplexity min(30, (n-1)/3).
+    want = TSNE(n_components=2, perplexity=min(30, 69 / 3), init="pca", random_state=3).fit_transform(
+        torch.cat([v, t]).numpy()
+    )
+    np.testing.assert_allclose(np.array(pts["vision"] + pts["text"]), want, rtol=1e-6, atol=1e-6)
+    assert key_space_from_features([v], [t], tsne=True, **opts).scatter == r.scatter  # seeded: same points
+    emb = np.array(pts["vision"] + pts["text"])  # the planted shift keeps two clouds: 1-NN never crosses
+    nearest = np.argsort(((emb[:, None] - emb[None]) ** 2).sum(-1), axis=1)[:, 1]
+    assert ((nearest < 40) == (np.arange(70) < 40)).mean() > 0.95
+    assert "tsne" not in key_space_from_features([v], [t], **opts).scatter["0"]  # off by default
+
+
+def test_tsne_without_scikit_learn_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn.manifold", None)  # import fails as if not installed
+    with pytest.raises(ImportError, match=r'pip install "hf-normalign\[tsne\]"'):
+        key_space_from_features([torch.randn(20, 3)], [torch.randn(20, 3)], tsne=True)
+    model, processor, samples = _encoded("llava", 2)
+    calls = []
+    monkeypatch.setattr(ks, "encoded_probe", lambda *a, **k: calls.append(1))
+    with pytest.raises(ImportError, match=r"hf-normalign\[tsne\]"):  # before the probe is even encoded
+        key_space_gap(model, processor, samples, tsne=True, progress=False)
+    assert calls == []

@@ -6,8 +6,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import vision_mask
+from conftest import processor_or_skip
+from helpers import capture_llm_inputs, embedding_norm_reference, vision_mask
 
+import hf_normalign
 from hf_normalign.diagnostics.capture import EncodedSample, encode_probe
 from hf_normalign.diagnostics.probe import default_probe
 from hf_normalign.diagnostics.profile import (
@@ -17,9 +19,10 @@ from hf_normalign.diagnostics.profile import (
     modality_profile,
     norm_stats,
     profile_from_features,
+    projector_gain_stats,
 )
 from hf_normalign.registry import get_spec
-from hf_normalign.testing import tiny_batch, tiny_model, tiny_processor
+from hf_normalign.testing import tiny_batch, tiny_model
 
 # Families whose tiny processor builds here; mistral3 / smolvlm run from tiny_batch encodings.
 PROCESSOR_FAMILIES = (
@@ -105,7 +108,7 @@ def _encoded(family: str, n: int) -> tuple[torch.nn.Module, object, list[Encoded
             text[(~vision_mask(model, ids[None])[0]).nonzero().max() - 2 :] = True  # trailing text tokens
             samples.append(EncodedSample(batch, text, f"s{seed}"))
         return model, None, samples
-    processor = tiny_processor(family)
+    processor = processor_or_skip(family)
     return model, processor, encode_probe(processor, default_probe(n))
 
 
@@ -180,3 +183,64 @@ def test_errors():
         )
     with pytest.raises(ValueError, match="missing layers"):
         ProfileAccumulator([0, 1]).update({0: torch.ones(2, 3)}, {0: torch.ones(1, 3), 1: torch.ones(1, 3)})
+
+
+def _vision_path_by_hand(model, samples):
+    """Per-row float64 norms along the vision path, one sample at a time: the projector's input with a plain
+    pre-hook, its output before the LayerNorm by calling ``projector.forward`` on that input (no hooks run),
+    and the LLM input rows at vision / passage positions with a plain pre-hook on the language model."""
+    projector = get_spec(model).get(model, get_spec(model).projector)
+    seen = {}
+    handle = projector.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
+    norms = {"vision_encoder_output": [], "projector_output": [], "llm_input_vision": [], "text_embedding": []}
+    try:
+        for s in samples:
+            embeds = capture_llm_inputs(model, s.inputs)[0].double()
+            with torch.no_grad():
+                raw = projector.forward(seen["x"])
+            norms["vision_encoder_output"].append(seen["x"].double().flatten(0, -2).norm(dim=1))
+            norms["projector_output"].append(raw.double().flatten(0, -2).norm(dim=1))
+            norms["llm_input_vision"].append(embeds[vision_mask(model, s.inputs["input_ids"])[0]].norm(dim=1))
+            norms["text_embedding"].append(embeds[s.text_mask].norm(dim=1))
+    finally:
+        handle.remove()
+    return {stage: torch.cat(n) for stage, n in norms.items()}
+
+
+@pytest.mark.parametrize("patched", [True, False])
+def test_vision_path_norms_and_gain_stats_by_hand(patched):
+    model, processor, samples = _encoded("llava", 3)
+    if patched:
+        model = hf_normalign.patch(model, methods=["projector_norm"])
+        with torch.no_grad():  # a "trained" gain, away from its init
+            g = model.normalign.projector_norm[0].weight
+            g.mul_(torch.linspace(0.5, 3.0, g.numel()))
+            g[::7] *= -1
+    prof = modality_profile(model, processor, samples, layers=[2], batch_size=2, progress=False)
+    want = _vision_path_by_hand(model, samples)
+    assert list(prof.vision_path_norms) == list(want)
+    for stage, norms in want.items():
+        got = prof.vision_path_norms[stage]
+        assert got["count"] == norms.numel(), stage
+        assert got["mean"] == pytest.approx(float(norms.mean()), rel=1e-6), stage
+        assert got["std"] == pytest.approx(float(norms.std()), rel=1e-5), stage
+    # Before the LayerNorm the projector writes its own norm; the LayerNorm brings it to the text scale.
+    moved = prof.vision_path_norms["projector_output"]["mean"] != prof.vision_path_norms["llm_input_vision"]["mean"]
+    assert moved == patched
+    assert json.loads(json.dumps(prof.to_dict(), allow_nan=False)) == prof.to_dict()
+    assert ModalityProfile.from_dict(prof.to_dict()).vision_path_norms == prof.vision_path_norms
+    if not patched:
+        assert prof.projector_gain is None and projector_gain_stats(model) is None
+        return
+    g = model.normalign.projector_norm[0].weight.detach().double()
+    target = embedding_norm_reference(model)  # T from the embedding table, float64, here
+    init = target / g.numel() ** 0.5
+    stats = prof.projector_gain
+    assert stats == projector_gain_stats(model)
+    assert stats["mean_abs"] == pytest.approx(float(g.abs().mean()), rel=1e-12)
+    assert stats["l2"] == pytest.approx(float(torch.sqrt((g * g).sum())), rel=1e-12)
+    assert stats["init_value"] == pytest.approx(init, rel=1e-9)
+    assert stats["mean_abs_to_init"] == pytest.approx(float(g.abs().mean()) / init, rel=1e-9)
+    assert stats["l2_to_init"] == pytest.approx(float(g.norm()) / target, rel=1e-9)
+    assert stats["gwc_scale"] == pytest.approx(1 / float(g.abs().mean()), rel=1e-12)
+    assert abs(stats["mean_abs_to_init"] - 1) > 0.5  # the planted change is visible

@@ -266,3 +266,39 @@ def test_coinciding_is_relative_to_the_span():
 def test_renders_in_headless_chromium(report, tmp_path):
     browser = require_chromium()
     assert_readable(browser, report.html, tmp_path)
+
+
+def test_vision_path_norms_and_gain_in_html_and_json(report):
+    page = _Page()
+    page.feed(report.html.read_text(encoding="utf-8"))
+    rows = {r[0][0]: [c for c, _ in r[1:]] for r in page.rows if r}
+    names = list(report.summary)
+    data = json.loads(report.json.read_text(encoding="utf-8"))
+    for stage, label in (("vision_encoder_output", "vision-encoder output (projector input), mean norm"),
+                         ("projector_output", "projector output, before its LayerNorm, mean norm"),
+                         ("llm_input_vision", "vision tokens at the LLM input, mean norm"),
+                         ("text_embedding", "text-passage embeddings, mean norm")):  # fmt: skip
+        means = [report.results[n]["profile"].vision_path_norms[stage]["mean"] for n in names]
+        assert [float(c) for c in rows[label]] == pytest.approx(means, rel=5e-3, abs=1e-3), stage
+        assert [data["models"][n]["profile"]["vision_path_norms"][stage]["mean"] for n in names] == means
+    gain = report.results["aligned"]["profile"].projector_gain
+    assert gain["mean_abs_to_init"] == pytest.approx(1.0, abs=1e-6)  # untrained: the gain is at its init
+    assert rows["gain mean |g|"] == ["–", f"{gain['mean_abs']:.4f}", "–"]
+    assert data["models"]["aligned"]["summary"]["gain_mean_abs"] == gain["mean_abs"]
+    assert data["models"]["base"]["summary"]["gain_mean_abs"] is None
+    glossary = report.html.read_text(encoding="utf-8").split('<section id="glossary">')[1]
+    assert "<dt>vision path norms</dt>" in glossary and "<dt>LayerNorm gain</dt>" in glossary
+    assert "<dt>t-SNE</dt>" not in glossary  # no t-SNE map in this report
+
+
+def test_key_tsne_map_in_report(tmp_path):
+    pytest.importorskip("sklearn")
+    pair = (tiny_model("llava"), tiny_processor("llava"))
+    rep = build_report({"m": pair}, tmp_path, metrics=["key_space"], num_samples=3, max_key_samples=60,
+                       key_tsne=True, progress=False)  # fmt: skip
+    assert set(rep.plots) == {"key_gap", "key_scatter", "key_tsne"}
+    data = json.loads(rep.json.read_text(encoding="utf-8"))
+    scatter = data["models"]["m"]["key_space"]["scatter"]
+    assert scatter == rep.results["m"]["key_space"].scatter and all("tsne" in s for s in scatter.values())
+    text = rep.html.read_text(encoding="utf-8")
+    assert 'data-file="key_tsne.png"' in text and "<dt>t-SNE</dt>" in text

@@ -37,7 +37,7 @@ def _expected(plugin) -> dict[str, torch.Tensor]:
 def test_reads_the_saved_plugin_weights(aligned):
     folder, plugin = aligned
     found = ckpt.find(str(folder))
-    assert found.moca_layers == [0, 1] and found.hidden_size == 32
+    assert found.moca_layers == [0, 1] and found.hidden_size == 64
     tensors = ckpt.read_weights(found, _expected(plugin))
     for key, value in _expected(plugin).items():
         assert torch.equal(tensors[key], value)

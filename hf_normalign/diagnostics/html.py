@@ -97,6 +97,17 @@ GLOSSARY: dict[str, str] = {
     "machine of the run, which other jobs may share.",
     "mean ± std": "Mean over seeds ± their standard deviation (n - 1 in the denominator): the spread another "
     "seed would give. A difference smaller than the two spreads added is not a finding.",
+    "vision path norms": "Mean L2 norm of the rows at four points (the norm paper's measurements): the "
+    "vision encoder's output as the projector receives it, the projector's output before the projector "
+    "LayerNorm, the vision tokens at the LLM input (after it), and the text-passage embeddings. Without "
+    "the LayerNorm the last two differ by the norm gap; with it the vision tokens enter near the text scale.",
+    "LayerNorm gain": "The projector LayerNorm's per-dimension gain g (D entries). It starts at T / sqrt(D) "
+    "in every entry (T = mean norm of the text embeddings), so mean |g| / init and ||g|| / T are 1 until "
+    "training moves the gain; GWC scale = 1 / mean |g| (floored), the factor GWC multiplies the "
+    "projector's gradient by.",
+    "t-SNE": "A 2-D map of the keys that keeps each point's nearest neighbours (scikit-learn, seeded). Two "
+    "separate clouds = the keys separate the modalities; cloud sizes and the distance between clouds carry "
+    "no meaning, unlike the PCA scatter.",
 }
 
 

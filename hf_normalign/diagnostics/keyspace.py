@@ -1,8 +1,16 @@
 """Key-space modality gap (arXiv 2510.26721): do vision and text tokens live in different key spaces?
 
-At each selected decoder layer the attention keys are the output of ``self_attn.k_proj`` (before
-RoPE and before any per-head ``k_norm``; with GQA that is ``num_key_value_heads * head_dim`` values,
-all heads concatenated). Vision keys and text-passage keys are compared with
+At each selected decoder layer the attention keys are taken in one of three key spaces (``keys``), all
+heads concatenated (with GQA that is ``num_key_value_heads * head_dim`` values):
+
+- ``"k_proj"`` (default): the output of ``self_attn.k_proj``, before any per-head ``k_norm`` and RoPE;
+- ``"post_norm"``: after the attention's per-head ``k_norm`` (Qwen3, Gemma3); for a model without one
+  this equals ``"k_proj"``, and ``settings["keys"]`` says so;
+- ``"post_rope"``: after ``k_norm`` and the rotary embedding, as attention compares them: the model's
+  own ``apply_rotary_pos_emb`` (from its transformers module) with the position embeddings the
+  attention module receives (recorded by a forward pre-hook).
+
+Vision keys and text-passage keys are compared with
 
 - MMD^2 with a Gaussian RBF kernel k(a, b) = exp(-||a - b||^2 / (2 h^2)), :func:`mmd2_rbf`;
 - the Jensen-Shannon divergence of histograms of a shared PCA projection, :func:`jsd_pca`;
@@ -31,6 +39,10 @@ choices made here (all parameters) are:
   bins = clip(floor((n_half / 10)^(1 / pca_dims)), 2, 64), and the same bins serve the cross-modal
   JSD and both baselines, which show the remaining bias.
 
+The scatter layers also get a 2-D t-SNE of the same points with ``tsne=True`` (:func:`tsne_2d`; needs
+scikit-learn: ``pip install "hf-normalign[tsne]"``). t-SNE keeps neighbourhoods, not distances: two
+separate clouds mean the keys separate, but cloud sizes and the space between them mean nothing.
+
 Example:
     >>> import torch
     >>> g = torch.Generator().manual_seed(0)
@@ -43,8 +55,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable, Sequence
+import sys
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -55,6 +69,7 @@ from torch import nn
 from .profile import as_features, encoded_probe, json_floats, probe_description
 
 __all__ = [
+    "KEY_SPACES",
     "KeySpaceResult",
     "auto_bins",
     "jsd_histograms",
@@ -66,8 +81,10 @@ __all__ = [
     "pca_basis",
     "pca_histograms",
     "subsample",
+    "tsne_2d",
 ]
 
+KEY_SPACES: tuple[str, ...] = ("k_proj", "post_norm", "post_rope")
 _EXACT_PCA_MAX = 512  # exact eigh below this size; seeded randomized subspace iteration above
 _MAX_CELLS = 1_000_000  # histogram cells (bins ** dims)
 
@@ -355,6 +372,37 @@ def jsd_pca(
     return jsd_histograms(hx, hy, base=base)
 
 
+def _tsne_class() -> Any:
+    try:
+        from sklearn.manifold import TSNE
+    except ImportError as err:
+        raise ImportError(
+            "tsne=True needs scikit-learn, which hf-normalign does not install by default: "
+            'pip install "hf-normalign[tsne]"'
+        ) from err
+    return TSNE
+
+
+def tsne_2d(x: Any, *, seed: int = 0, perplexity: float | None = None) -> np.ndarray:
+    """2-D t-SNE of the rows of ``x`` [n, d] with scikit-learn: ``TSNE(n_components=2, perplexity, init="pca",
+    random_state=seed)``, other settings scikit-learn's defaults (Barnes-Hut, 1000 iterations).
+
+    ``perplexity`` None = min(30, (n - 1) / 3) (scikit-learn needs it below n). The same ``seed`` and
+    rows give the same points. ImportError naming ``pip install "hf-normalign[tsne]"`` without scikit-learn.
+
+    Example:
+        >>> import torch
+        >>> tsne_2d(torch.randn(40, 5), seed=0).shape  # doctest: +SKIP
+        (40, 2)
+    """
+    tsne = _tsne_class()
+    rows = as_features(x, "x", min_rows=4).cpu().numpy()
+    chosen = min(30.0, (rows.shape[0] - 1) / 3) if perplexity is None else float(perplexity)
+    if not 0 < chosen < rows.shape[0]:
+        raise ValueError(f"perplexity must be in (0, {rows.shape[0]}), got {perplexity}")
+    return tsne(n_components=2, perplexity=chosen, init="pca", random_state=seed).fit_transform(rows)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Result and per-layer computation
 # ----------------------------------------------------------------------------------------------------------
@@ -365,7 +413,8 @@ class KeySpaceResult:
     """Key-space gap per layer.
 
     Attributes:
-        layers: decoder layers (1-based; keys of layer k = ``layers[k - 1].self_attn.k_proj`` output).
+        layers: decoder layers (1-based; keys of layer k come from ``layers[k - 1].self_attn``, in the key
+            space named in ``settings``).
         mmd2: MMD^2(vision keys, text keys), with the estimator chosen by ``unbiased``.
         mmd2_unbiased / mmd2_biased: both estimators of that MMD^2 (U- and V-statistic).
         mmd: MMD = sqrt(biased MMD^2), the distance itself (the paper quotes "MMD"; the V-statistic is
@@ -378,7 +427,8 @@ class KeySpaceResult:
         num_vision_keys / num_text_keys: keys seen per layer (before the cap).
         num_vision_used / num_text_used: keys used per layer (after the cap).
         scatter: layer (as a string, for JSON) -> {"vision": [[pc1, pc2], ...], "text": [...],
-            "variance": [var1, var2]} on the shared PCA axes of that layer, for the 2-D plot.
+            "variance": [var1, var2]} on the shared PCA axes of that layer, for the 2-D plot; with
+            ``tsne=True`` also "tsne": {"vision": [[x, y], ...], "text": [...]}, a t-SNE of the same points.
         num_samples: probe pairs behind the keys (None when unknown).
         settings: every choice above (kernel, bandwidth rule, estimator, caps, PCA / histogram / base,
             which keys).
@@ -504,6 +554,10 @@ def _layer_gap(
         out["scatter"] = {
             name: [[float(c) for c in row] for row in ((x - mean) @ comps.T).cpu().tolist()] for name, x in pick.items()
         } | {"variance": [float(s) for s in var]}
+        if opts["tsne"]:  # one embedding of both modalities, so their points share the map
+            points = tsne_2d(torch.cat([pick["vision"], pick["text"]]), seed=seed).tolist()
+            nv = pick["vision"].shape[0]
+            out["scatter"]["tsne"] = {"vision": points[:nv], "text": points[nv:]}
     return out
 
 
@@ -528,11 +582,16 @@ def _settings(opts: dict[str, Any]) -> dict[str, Any]:
         "clip_quantile": opts["clip_quantile"],
         "jsd_base": opts["jsd_base"],
         "scatter_points": opts["scatter_points"],
+        "tsne": "2-D t-SNE of the scatter points (scikit-learn, init pca, perplexity min(30, (n-1)/3))"
+        if opts["tsne"]
+        else False,
         "seed": opts["seed"],
     }
 
 
-def _options(bandwidth, unbiased, max_samples, pca_dims, bins, jsd_base, clip_quantile, scatter_points, seed):
+def _options(
+    bandwidth, unbiased, max_samples, pca_dims, bins, jsd_base, clip_quantile, scatter_points, seed, tsne=False
+):
     if bandwidth is not None and not bandwidth > 0:
         raise ValueError(f"bandwidth must be > 0 or None, got {bandwidth}")
     if max_samples is not None and max_samples < 4:
@@ -543,6 +602,8 @@ def _options(bandwidth, unbiased, max_samples, pca_dims, bins, jsd_base, clip_qu
         raise ValueError(f"jsd_base must be > 1, got {jsd_base}")
     if not 0 <= clip_quantile < 0.5:
         raise ValueError(f"clip_quantile must be in [0, 0.5), got {clip_quantile}")
+    if tsne:
+        _tsne_class()  # the missing extra is reported before any work
     return dict(
         bandwidth=bandwidth,
         unbiased=unbiased,
@@ -553,6 +614,7 @@ def _options(bandwidth, unbiased, max_samples, pca_dims, bins, jsd_base, clip_qu
         clip_quantile=clip_quantile,
         scatter_points=scatter_points,
         seed=seed,
+        tsne=tsne,
     )
 
 
@@ -606,12 +668,14 @@ def key_space_from_features(
     scatter_points: int = 300,
     seed: int = 0,
     num_samples: int | None = None,
+    tsne: bool = False,
 ) -> KeySpaceResult:
     """Key-space gap from stacked keys: ``vision_keys[j]`` [n_v, d] and ``text_keys[j]`` [n_t, d].
 
     ``layers`` numbers the entries (default 0, 1, ...). Rows are capped at ``max_samples`` per
     modality (seeded; the same row positions at every layer when the counts agree). ``scatter_layers``
-    (default: first, middle and last) get 2-D PCA points for the plot, ``scatter_points`` per modality.
+    (default: first, middle and last) get 2-D PCA points for the plot, ``scatter_points`` per modality,
+    and with ``tsne=True`` a t-SNE of the same points (:func:`tsne_2d`, needs scikit-learn).
     Other arguments: module docstring. ValueError when a modality has fewer than 4 keys at a layer.
 
     Example:
@@ -627,7 +691,9 @@ def key_space_from_features(
     numbers = list(range(len(vision_keys))) if layers is None else [int(i) for i in layers]
     if len(numbers) != len(vision_keys):
         raise ValueError(f"layers must number the {len(vision_keys)} entries, got {numbers}")
-    opts = _options(bandwidth, unbiased, max_samples, pca_dims, bins, jsd_base, clip_quantile, scatter_points, seed)
+    opts = _options(
+        bandwidth, unbiased, max_samples, pca_dims, bins, jsd_base, clip_quantile, scatter_points, seed, tsne
+    )
     scatter = set(_default_scatter_layers(numbers) if scatter_layers is None else scatter_layers)
     per_layer, seen, used = [], [], []
     for layer, v_raw, t_raw in zip(numbers, vision_keys, text_keys, strict=True):
@@ -673,6 +739,108 @@ class _Reservoir:
             self.rows[layer] = joined[keep.to(joined.device)] if keep is not None else joined
 
 
+class _KeySpace:
+    """Turns captured ``k_proj`` rows into the keys of ``space`` ("post_norm" or "post_rope").
+
+    Forward pre-hooks on the selected attention modules record the dtype of the hidden states each one
+    receives and its ``position_embeddings`` (nothing is changed). After the batch, each row goes back to
+    that dtype and through the attention's own ``k_norm`` (when it has one) and, for "post_rope", the
+    ``apply_rotary_pos_emb`` of the attention's transformers module at the row's (batch row, position):
+    the same operations attention applies, on the selected rows only.
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[int], samples: Sequence[Any], space: str) -> None:
+        from ..registry import get_spec
+        from .capture import vision_token_ids
+
+        base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+        decoder = get_spec(base).decoder_layers(base)
+        self.space = space
+        self.attentions = {k: decoder[k - 1].self_attn for k in layers}
+        self.normed = [k for k, attn in self.attentions.items() if getattr(attn, "k_norm", None) is not None]
+        self.seen: dict[int, tuple[torch.dtype, Any]] = {}
+        ids = torch.tensor(vision_token_ids(model))
+        # Positions of the vision / text rows of every sample, in the order capture yields them.
+        self.vision_pos = [
+            (torch.isin(s.input_ids, ids) & s.inputs.get("attention_mask", torch.ones(1, 1))[0].bool())
+            .nonzero()
+            .squeeze(1)
+            for s in samples
+        ]
+        self.text_pos = [s.text_mask.nonzero().squeeze(1) for s in samples]
+
+    def describe(self) -> str:
+        """What the keys are, for ``settings["keys"]``."""
+        if not self.normed:
+            norm = "this model's attention has no k_norm, so nothing is normalised"
+        elif len(self.normed) == len(self.attentions):
+            norm = "after self_attn.k_norm (per head)"
+        else:
+            norm = f"after self_attn.k_norm on layers {self.normed} (the others have none)"
+        if self.space == "post_norm":
+            what = "equal to the k_proj output" if not self.normed else "k_proj output"
+            return f"post_norm: {what}, {norm}, before RoPE; all KV heads concatenated"
+        return (
+            f"post_rope: k_proj output, {norm}, then RoPE by the model's own apply_rotary_pos_emb with the "
+            "position embeddings attention receives (the keys attention compares); all KV heads concatenated"
+        )
+
+    @contextlib.contextmanager
+    def hooks(self) -> Iterator[None]:
+        def record(layer: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            self.seen[layer] = (hidden.dtype, kwargs.get("position_embeddings", args[1] if len(args) > 1 else None))
+
+        handles = [
+            attn.register_forward_pre_hook(lambda m, a, kw, layer=layer: record(layer, m, a, kw), with_kwargs=True)
+            for layer, attn in self.attentions.items()
+        ]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _positions(self, samples: torch.Tensor, index: torch.Tensor, first: int, table: list[torch.Tensor]):
+        # Capture pads on the right (its default), so a row keeps its unpadded position.
+        pos = torch.empty_like(index)
+        for s in samples.unique().tolist():
+            rows = samples == s
+            pos[rows] = table[s][index[rows]]
+        return samples - first, pos
+
+    def _rows(self, layer: int, rows: torch.Tensor, where: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        attn = self.attentions[layer]
+        dtype, position_embeddings = self.seen[layer]
+        head_dim = getattr(attn, "head_dim", None) or attn.config.head_dim
+        k = rows.to(dtype).view(rows.shape[0], -1, head_dim)  # [rows, kv heads, head_dim]
+        if layer in self.normed:
+            k = attn.k_norm(k.to(attn.k_norm.weight.device))
+        if self.space == "post_rope":
+            if position_embeddings is None:
+                raise ValueError(f"keys='post_rope': decoder layer {layer}'s attention received no position_embeddings")
+            rope = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb", None)
+            if rope is None:
+                raise ValueError(f"keys='post_rope': {type(attn).__module__} has no apply_rotary_pos_emb")
+            cos, sin = position_embeddings
+            b, pos = (t.to(cos.device) for t in where)
+            b = b * (cos.shape[0] > 1)  # cos/sin of [1, L, dim] serve every batch row
+            # [rows, dim] unsqueezed at dim 1 broadcasts over the heads, as [B, 1, L, dim] does in attention.
+            _, k = rope(k.to(cos.device), k.to(cos.device), cos[b, pos], sin[b, pos], unsqueeze_dim=1)
+        return k.reshape(rows.shape[0], -1).to(rows.dtype)
+
+    def __call__(self, batch: Any) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """(vision keys, text keys) of a ``CaptureBatch`` in this key space."""
+        first = batch.sample_indices[0]
+        vision = self._positions(batch.vision_sample, batch.vision_patch, first, self.vision_pos)
+        text = self._positions(batch.text_sample, batch.text_token, first, self.text_pos)
+        with torch.inference_mode():
+            return (
+                {k: self._rows(k, v, vision) for k, v in batch.vision_keys.items()},
+                {k: self._rows(k, t, text) for k, t in batch.text_keys.items()},
+            )
+
+
 def key_space_gap(
     model: nn.Module,
     processor: Any,
@@ -691,8 +859,10 @@ def key_space_gap(
     clip_quantile: float = 0.01,
     scatter_layers: Iterable[int] | None = None,
     scatter_points: int = 300,
+    tsne: bool = False,
     device: str | torch.device | None = None,
     prompt: str | None = None,
+    keys: str = "k_proj",
     progress: bool = True,
 ) -> KeySpaceResult:
     """Key-space gap of ``model`` over a probe set (default: the built-in probe).
@@ -710,7 +880,10 @@ def key_space_gap(
         bandwidth, unbiased, pca_dims, bins, jsd_base, clip_quantile: see the module docstring.
         scatter_layers / scatter_points: layers (default first, middle, last) and points per modality
             of the 2-D PCA scatter stored in the result.
+        tsne: also a 2-D t-SNE of the scatter points (:func:`tsne_2d`; ``pip install "hf-normalign[tsne]"``).
         device, prompt: passed to :func:`~.capture.capture`.
+        keys: the key space, ``"k_proj"``, ``"post_norm"`` or ``"post_rope"`` (module docstring);
+            ``settings["keys"]`` states what was taken for this model.
         progress: tqdm progress bars.
 
     Example:
@@ -721,24 +894,31 @@ def key_space_gap(
     """
     from .capture import capture, resolve_layers
 
-    opts = _options(bandwidth, unbiased, max_samples, pca_dims, bins, jsd_base, clip_quantile, scatter_points, seed)
+    opts = _options(
+        bandwidth, unbiased, max_samples, pca_dims, bins, jsd_base, clip_quantile, scatter_points, seed, tsne
+    )
+    if keys not in KEY_SPACES:
+        raise ValueError(f"keys must be one of {', '.join(KEY_SPACES)}; got {keys!r}")
     selected = resolve_layers(model, layers)
     if 0 in selected:
         raise ValueError("layer 0 is the LLM input and has no attention keys; choose decoder layers 1..K")
     samples = encoded_probe(processor, probe, num_samples, seed, prompt, progress)
+    space = None if keys == "k_proj" else _KeySpace(model, selected, samples, keys)
     vision, text = _Reservoir(max_samples, seed), _Reservoir(max_samples, seed + 1)
-    for batch in capture(
-        model,
-        processor,
-        samples,
-        layers=selected,
-        capture_keys=True,
-        batch_size=batch_size,
-        device=device,
-        progress=progress,
-    ):
-        vision.update(batch.vision_keys)
-        text.update(batch.text_keys)
+    with space.hooks() if space is not None else contextlib.nullcontext():
+        for batch in capture(
+            model,
+            processor,
+            samples,
+            layers=selected,
+            capture_keys=True,
+            batch_size=batch_size,
+            device=device,
+            progress=progress,
+        ):
+            vision_keys, text_keys = (batch.vision_keys, batch.text_keys) if space is None else space(batch)
+            vision.update(vision_keys)
+            text.update(text_keys)
     if text.seen == 0:
         raise ValueError("no text-passage tokens in the probe: the key-space gap needs both modalities")
     scatter = set(_default_scatter_layers(selected) if scatter_layers is None else scatter_layers)
@@ -748,7 +928,10 @@ def key_space_gap(
     ]
     used = [(vision.rows[k].shape[0], text.rows[k].shape[0]) for k in selected]
     settings = _settings(opts) | {
-        "keys": "self_attn.k_proj output (before RoPE / k_norm), all KV heads concatenated",
+        "key_space": keys,
+        "keys": "self_attn.k_proj output (before any k_norm and RoPE), all KV heads concatenated"
+        if space is None
+        else space.describe(),
         "probe": probe_description(probe, len(samples), seed),
         "batch_size": batch_size,
     }

@@ -110,7 +110,8 @@ def mir(
     stats_device: str | torch.device | None = None,
     max_feature_gb: float | None = 8.0,
     progress: bool = True,
-) -> MIRResult:
+    accelerator: Any = None,
+) -> MIRResult | None:
     """Modality Integration Rate of ``model`` on ``probe`` (default: the built-in offline probe).
 
     Args:
@@ -137,10 +138,17 @@ def mir(
         max_feature_gb: host budget for the stored features of the non-streaming path; ``None``:
             capture all layers in one pass whatever their size.
         progress: tqdm progress bars.
+        accelerator: an ``accelerate.Accelerator`` of several processes (``accelerate launch``), each holding
+            the model: the probe's batches are dealt out to the processes (batch i to process
+            i % num_processes, the batches one process would form), each captures its own, and the
+            statistics are merged exactly on the main process, which computes the distances (streaming:
+            Chan-merged moments; otherwise the features, gathered in probe order). Every process must call
+            ``mir`` with the same arguments; the result equals one process's to float64 round-off.
 
     Returns:
-        :class:`~.mir_math.MIRResult`; ``settings`` also records ``final_norm``, ``batch_size``, the
-        probe, the model and the layer numbering. JSON: ``result.to_dict()``.
+        :class:`~.mir_math.MIRResult` (``None`` on the other processes of an ``accelerator``); ``settings``
+        also records ``final_norm``, ``batch_size``, the probe, the model and the layer numbering.
+        JSON: ``result.to_dict()``.
 
     Raises:
         ValueError: an empty probe, an image that does not decode (naming the file), a prompt without
@@ -169,6 +177,8 @@ def mir(
             raise ValueError(f"MIR needs at least 2 {what} tokens over the probe set, got {n}")
     if streaming is None:
         streaming = outliers != "replace_median"
+    group_ = _ProcessGroup(accelerator)
+    shard = group_.shard(samples, batch_size)
     extra = {
         "final_norm": final_norm,
         "batch_size": batch_size,
@@ -194,15 +204,18 @@ def mir(
     )
     if streaming:
         acc = StreamingMIR(**maths, layer_indices=selected, device=stats_device, extra_settings=extra)
-        for _ in range(acc.passes_required):
-            for batch in capture(model, processor, samples, layers=selected, dtype=None, **run):
+        for index in range(acc.passes_required):
+            for batch in capture(model, processor, shard, layers=selected, dtype=None, **run) if shard else ():
                 acc.update(
                     [batch.vision[k] for k in selected],
                     [batch.text[k] for k in selected],
                     num_samples=len(batch.sample_indices),
                 )
-            acc.end_pass()
-        return acc.result()
+            if index < acc.passes_required - 1:  # "drop": outlier bounds from the norms of every process
+                acc = group_.merged(acc, everywhere=True)
+                acc.end_pass()
+        acc = group_.merged(acc, everywhere=False)
+        return acc.result() if group_.is_main else None
 
     hidden = base.config.get_text_config().hidden_size
     itemsize = torch.empty((), dtype=base.dtype).element_size()
@@ -210,15 +223,26 @@ def mir(
     group = len(selected) if max_feature_gb is None else max(1, int(max_feature_gb * 2**30 // per_layer))
 
     def features(group_layers: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        parts: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {k: ([], []) for k in group_layers}
-        for batch in capture(model, processor, samples, layers=group_layers, dtype=None, output_device="cpu", **run):
-            for k in group_layers:
-                parts[k][0].append(batch.vision[k])
-                parts[k][1].append(batch.text[k])
-        return {k: (torch.cat(v), torch.cat(t)) for k, (v, t) in parts.items()}
+        batches = [
+            {k: (batch.vision[k], batch.text[k]) for k in group_layers}
+            for batch in (
+                capture(model, processor, shard, layers=group_layers, dtype=None, output_device="cpu", **run)
+                if shard
+                else ()
+            )
+        ]
+        batches = group_.gathered_batches(batches)
+        if not batches:  # another process than the main one: its features went there
+            return {}
+        return {k: (torch.cat([b[k][0] for b in batches]), torch.cat([b[k][1] for b in batches])) for k in group_layers}
 
+    groups = [selected[i : i + group] for i in range(0, len(selected), group)]
+    if not group_.is_main:  # send this process's features, group by group, in the order the main one asks
+        for layers_ in groups:
+            features(layers_)
+        return None
     target = torch.device(stats_device) if stats_device is not None else model_input_device(base)
-    store = _LayerStore(features, [selected[i : i + group] for i in range(0, len(selected), group)], target)
+    store = _LayerStore(features, groups, target)
     return mir_from_features(
         _LayerView(store, selected, 0),
         _LayerView(store, selected, 1),
@@ -265,6 +289,46 @@ def _probe_name(probe: Any, n: int, seed: int) -> str:
         return f"{probe.name}, {n} pairs used"
     kind = "encoded samples" if probe and isinstance(probe[0], EncodedSample) else "pairs"
     return f"{n} {kind}"
+
+
+class _ProcessGroup:
+    """The processes of an ``accelerate.Accelerator`` running :func:`mir` together (one process: a no-op)."""
+
+    def __init__(self, accelerator: Any) -> None:
+        self.rank = 0 if accelerator is None else int(accelerator.process_index)
+        self.size = 1 if accelerator is None else int(accelerator.num_processes)
+        self.is_main = self.rank == 0
+
+    def shard(self, samples: list[EncodedSample], batch_size: int) -> list[EncodedSample]:
+        """This process's batches of the one-process batch plan: batch i goes to process i % size."""
+        batches = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
+        return [sample for batch in batches[self.rank :: self.size] for sample in batch]
+
+    def merged(self, acc: StreamingMIR, *, everywhere: bool) -> StreamingMIR:
+        """Every process's accumulator merged in process order: on all processes, or on the main one only."""
+        if self.size == 1:
+            return acc
+        parts: list[Any] = [None] * self.size
+        if everywhere:
+            torch.distributed.all_gather_object(parts, acc)
+        else:
+            torch.distributed.gather_object(acc, parts if self.is_main else None, dst=0)
+            if not self.is_main:
+                return acc
+        for part in parts[1:]:
+            parts[0].merge(part)
+        return parts[0]
+
+    def gathered_batches(self, batches: list[Any]) -> list[Any]:
+        """On the main process: every process's batches back in probe order; elsewhere: an empty list."""
+        if self.size == 1:
+            return batches
+        parts: list[Any] = [None] * self.size
+        torch.distributed.gather_object(batches, parts if self.is_main else None, dst=0)
+        if not self.is_main:
+            return []
+        total = sum(len(p) for p in parts)
+        return [parts[i % self.size][i // self.size] for i in range(total)]
 
 
 class _LayerStore:

@@ -500,6 +500,42 @@ class StreamingMIR:
                 state.vision.update(v[~mask_v])
                 state.text.update(t[~mask_t])
 
+    def merge(self, other: StreamingMIR) -> StreamingMIR:
+        """Fold in ``other``, an accumulator of the same settings over another part of the data (another process),
+        in the same pass and before either closed it; exact (Chan's pairwise update), returns ``self``.
+
+        Used by ``mir(..., accelerator=...)``: each process feeds its shard, then the accumulators are merged.
+        """
+        if (other.outliers, other.passes_required, other.current_pass) != (
+            self.outliers,
+            self.passes_required,
+            self.current_pass,
+        ):
+            raise ValueError("can only merge accumulators of the same outlier mode in the same pass")
+        if other._layers is None:
+            return self
+        if self._layers is None:
+            self._layers = [
+                _LayerState(GaussianMoments(self.device), GaussianMoments(self.device)) for _ in other._layers
+            ]
+        if len(other._layers) != len(self._layers):
+            raise ValueError(f"cannot merge {len(other._layers)} layers into {len(self._layers)}")
+        if other.num_samples is not None and self.current_pass == 0:
+            self.num_samples = (self.num_samples or 0) + other.num_samples
+        for mine, theirs in zip(self._layers, other._layers, strict=True):
+            mine.vision.merge(theirs.vision)
+            mine.text.merge(theirs.text)
+            if self.outliers == "none":  # "drop" fixes the text norm sum from all norms at the end of pass 1
+                mine.text_norm_sum += theirs.text_norm_sum
+                mine.text_norm_count += theirs.text_norm_count
+            mine.vision_seen += theirs.vision_seen
+            mine.text_seen += theirs.text_seen
+            mine.vision_norms += theirs.vision_norms
+            mine.text_norms += theirs.text_norms
+            mine.vision_outliers += theirs.vision_outliers
+            mine.text_outliers += theirs.text_outliers
+        return self
+
     def end_pass(self) -> None:
         """Close the current pass (after the first "drop" pass: fix the outlier bounds and the scale)."""
         if self._layers is None:

@@ -10,6 +10,12 @@ modality (vision tokens, text-passage tokens), :func:`modality_profile` reports
   barely rotates those tokens ("representational inertia" of high-norm vision tokens in a Pre-Norm
   residual stream).
 
+Along the vision path (the norm paper's RQ1/RQ2 measurements, arXiv 2512.08374), :func:`modality_profile`
+also reports the per-row L2 norms of the vision-encoder output (the projector's input), of the projector's
+output before hf-normalign's LayerNorm, of the vision tokens at the LLM input (after it) and of the
+text-passage embeddings, in ``vision_path_norms``; and for a model patched with ``projector_norm`` the
+LayerNorm gain statistics (:func:`projector_gain_stats`) in ``projector_gain``.
+
 The math is in plain functions on feature tensors (:func:`norm_stats`, :func:`adjacent_cosine`,
 :func:`profile_from_features`); :func:`modality_profile` runs a model over a probe set with the
 capture engine and streams the batches through :class:`ProfileAccumulator`, so no layer's tokens
@@ -29,8 +35,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -41,13 +48,23 @@ from torch import nn
 from .frechet import _to_f64
 
 __all__ = [
+    "VISION_PATH_STAGES",
     "ModalityProfile",
     "ProfileAccumulator",
     "adjacent_cosine",
     "modality_profile",
     "norm_stats",
     "profile_from_features",
+    "projector_gain_stats",
 ]
+
+# vision_path_norms keys, in the order a vision token passes them
+VISION_PATH_STAGES: tuple[str, ...] = (
+    "vision_encoder_output",
+    "projector_output",
+    "llm_input_vision",
+    "text_embedding",
+)
 
 
 def json_float(x: float | None) -> float | str | None:
@@ -150,6 +167,13 @@ class ModalityProfile:
         num_samples: probe pairs behind the numbers (None when unknown).
         num_vision_tokens / num_text_tokens: tokens per layer.
         settings: how it was computed (final_norm, probe, std ddof...).
+        vision_path_norms: stage (:data:`VISION_PATH_STAGES`) -> per-row L2 norm summary (mean, std,
+            median, min, max, count), filled by :func:`modality_profile`: ``vision_encoder_output`` = the
+            rows the main projector receives (Qwen's merger: one row per patch, before the 2x2 merge),
+            ``projector_output`` = its output rows before hf-normalign's LayerNorm (all rows, before any
+            later reshaping), ``llm_input_vision`` / ``text_embedding`` = vision / text-passage tokens at the
+            LLM input (layer 0).
+        projector_gain: :func:`projector_gain_stats` of the model (None when it has no projector LayerNorm).
 
     Example:
         >>> import torch
@@ -173,6 +197,8 @@ class ModalityProfile:
     num_vision_tokens: int
     num_text_tokens: int
     settings: dict[str, Any] = field(default_factory=dict)
+    vision_path_norms: dict[str, dict[str, float]] = field(default_factory=dict)
+    projector_gain: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable dict (non-finite floats as strings); :meth:`from_dict` inverts it."""
@@ -180,6 +206,10 @@ class ModalityProfile:
         for key, value in out.items():
             if isinstance(value, list) and value and isinstance(value[0], float):
                 out[key] = json_floats(value)
+        out["vision_path_norms"] = {
+            stage: {k: json_float(v) if isinstance(v, float) else v for k, v in stats.items()}
+            for stage, stats in self.vision_path_norms.items()
+        }
         return out
 
     @classmethod
@@ -197,6 +227,10 @@ class ModalityProfile:
             "text_update_cos",
         ):
             kwargs[key] = [float(v) for v in kwargs[key]]
+        kwargs["vision_path_norms"] = {
+            stage: {k: v if k == "count" else float(v) for k, v in stats.items()}
+            for stage, stats in kwargs.get("vision_path_norms", {}).items()
+        }
         return cls(**kwargs)
 
     def format_table(self) -> str:
@@ -328,6 +362,99 @@ def profile_from_features(
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _unwrapped(model: nn.Module) -> nn.Module:
+    get_base = getattr(model, "get_base_model", None)  # PEFT wrapper -> the transformers model
+    return get_base() if callable(get_base) else model
+
+
+def projector_gain_stats(model: nn.Module) -> dict[str, Any] | None:
+    """Gain statistics of the projector LayerNorm of a model patched with ``projector_norm`` (main projector,
+    ``model.normalign.projector_norm[0].weight`` = g, D entries); None when the model has none.
+
+    Returns ``mean_abs`` = mean |g|, ``l2`` = ||g||_2, ``init_value`` = T / sqrt(D) (every entry of g at
+    init, so mean |g| starts there and ||g||_2 starts at T), ``mean_abs_to_init`` = mean |g| / (T / sqrt(D))
+    and ``l2_to_init`` = ||g||_2 / T (both 1 while the gain is untouched), ``gwc_scale`` = 1 / max(mean |g|,
+    gwc_floor), the factor GWC applies to the projector's gradient now (None without GWC), ``target_norm``
+    T with ``target_norm_source``, and ``hidden_size`` D. T is the configured ``target_norm`` or, when
+    that is None, the mean L2 norm of the input-embedding rows, recomputed as ``patch`` computes it.
+
+    Example:
+        >>> import hf_normalign
+        >>> from hf_normalign.testing import tiny_model
+        >>> stats = projector_gain_stats(hf_normalign.patch(tiny_model("llava"), methods=["projector_norm"]))
+        >>> round(stats["mean_abs_to_init"], 6), round(stats["l2_to_init"], 6)
+        (1.0, 1.0)
+    """
+    from ..registry import embedding_scale
+
+    base = _unwrapped(model)
+    plugin = getattr(base, "normalign", None)
+    norms = getattr(plugin, "projector_norm", None)
+    if norms is None:
+        return None
+    config = plugin.config.projector_norm
+    g = norms[0].weight.detach().double()
+    hidden = g.numel()
+    target = config.target_norm if config.target_norm is not None else embedding_scale(base, plugin.spec)
+    mean_abs, l2 = float(g.abs().mean()), float(g.norm())
+    init = target / math.sqrt(hidden)
+    return {
+        "mean_abs": mean_abs,
+        "l2": l2,
+        "init_value": init,
+        "mean_abs_to_init": mean_abs / init,
+        "l2_to_init": l2 / target,
+        "gwc_scale": 1.0 / max(mean_abs, config.gwc_floor) if config.gwc else None,
+        "target_norm": target,
+        "target_norm_source": "ProjectorNormConfig.target_norm"
+        if config.target_norm is not None
+        else "mean L2 norm of the input-embedding rows (as patch computes it)",
+        "hidden_size": hidden,
+    }
+
+
+class _VisionPath:
+    """Per-row norms of the main projector's input and output, recorded by plain hooks (nothing changed).
+
+    The output hook runs ahead of every other forward hook of the projector (``prepend``), so it sees the
+    projector's own output, before hf-normalign's LayerNorm hook replaces it.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        from ..registry import get_spec
+
+        base = _unwrapped(model)
+        spec = get_spec(base)
+        self.projector = spec.get(base, spec.projector)
+        self.norms: dict[str, list[torch.Tensor]] = {stage: [] for stage in VISION_PATH_STAGES}
+
+    def add(self, stage: str, rows: torch.Tensor) -> None:
+        rows = rows.detach()
+        self.norms[stage].append(rows.reshape(-1, rows.shape[-1]).double().norm(dim=1).cpu())
+
+    @contextlib.contextmanager
+    def hooks(self) -> Iterator[None]:
+        def before(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            first = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+            self.add("vision_encoder_output", first)
+
+        def after(module: nn.Module, args: tuple, output: Any) -> None:
+            self.add("projector_output", output[0] if isinstance(output, (tuple, list)) else output)
+
+        handles = [
+            self.projector.register_forward_pre_hook(before, with_kwargs=True),
+            self.projector.register_forward_hook(after, prepend=True),
+        ]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def result(self) -> dict[str, dict[str, float]]:
+        return {stage: _stats_of_norms(torch.cat(n)) for stage, n in self.norms.items() if n}
+
+
 def probe_description(probe: Any, used: int, seed: int) -> str:
     """How a probe argument is named in ``settings``."""
     if probe is None:
@@ -385,20 +512,27 @@ def modality_profile(
     selected = resolve_layers(model, layers, include_embeddings=layers is None)
     samples = encoded_probe(processor, probe, num_samples, seed, prompt, progress)
     acc = ProfileAccumulator(selected)
-    for batch in capture(
-        model,
-        processor,
-        samples,
-        layers=selected,
-        final_norm=final_norm,
-        batch_size=batch_size,
-        device=device,
-        progress=progress,
-    ):
-        acc.update(batch.vision, batch.text)
+    path = _VisionPath(model)
+    with path.hooks():
+        for batch in capture(
+            model,
+            processor,
+            samples,
+            layers=sorted({0, *selected}),  # layer 0 feeds vision_path_norms even when not profiled
+            final_norm=final_norm,
+            batch_size=batch_size,
+            device=device,
+            progress=progress,
+        ):
+            acc.update(batch.vision, batch.text)
+            path.add("llm_input_vision", batch.vision[0])
+            path.add("text_embedding", batch.text[0])
     settings = {
         "final_norm": final_norm,
         "probe": probe_description(probe, len(samples), seed),
         "batch_size": batch_size,
     }
-    return acc.result(num_samples=len(samples), settings=settings)
+    profile = acc.result(num_samples=len(samples), settings=settings)
+    profile.vision_path_norms = path.result()
+    profile.projector_gain = projector_gain_stats(model)
+    return profile

@@ -8,7 +8,7 @@ gap (:func:`~.keyspace.key_space_gap`) and the visual-degradation curves
 - ``report.html``: summary table, plots embedded as base64 PNG (opens anywhere, offline), and the
   per-layer numbers of every model in collapsible tables;
 - ``norms.png``, ``update_rate.png``, ``mir.png``, ``key_gap.png``, ``key_scatter.png``,
-  ``degradation.png``;
+  ``degradation.png``, and ``key_tsne.png`` with ``key_tsne=True``;
 - ``report.json``: every number shown (the results' ``to_dict()`` plus the summary).
 
 Command line: ``normalign report MODEL [--compare MODEL2 ...] --out DIR``.
@@ -35,6 +35,7 @@ import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -49,6 +50,23 @@ from .profile import ModalityProfile, json_float, modality_profile
 __all__ = ["METRICS", "Report", "build_report", "coincidence_note", "format_number", "plot_caption"]
 
 METRICS: tuple[str, ...] = ("profile", "mir", "key_space", "degradation")
+
+
+def _plot_key_tsne(results: Mapping[str, Any]) -> Any:
+    """The t-SNE points (``key_space_gap(tsne=True)``) drawn like the PCA scatter; None when no model has them."""
+    tsne = {
+        name: SimpleNamespace(scatter={layer: pts["tsne"] for layer, pts in r.scatter.items() if "tsne" in pts})
+        for name, r in results.items()
+    }
+    if not any(t.scatter for t in tsne.values()):
+        return None
+    fig = plots.plot_key_scatter(tsne)
+    for ax in fig.axes:  # the PCA plot's axis names
+        if ax.get_xlabel():
+            ax.set_xlabel("t-SNE 1")
+            ax.set_ylabel("t-SNE 2")
+    return fig
+
 
 # plot file stem -> (metric it needs, plotting function, caption: what to look at, result keys whose curves
 # the plot draws, compared to name the models that coincide)
@@ -89,6 +107,14 @@ _PLOTS: dict[str, tuple[str, Callable[[Mapping[str, Any]], Any], str, tuple[str,
         plots.plot_key_scatter,
         "Vision (orange) and text (blue) keys projected on their shared first two principal components: "
         "two separate clouds = a gap in key space.",
+        (),
+    ),
+    "key_tsne": (
+        "key_space",
+        _plot_key_tsne,
+        "The same keys as the PCA scatter, as a 2-D t-SNE map (scikit-learn, seeded). t-SNE keeps "
+        "neighbourhoods, not distances: two separate clouds = keys separate the modalities; the clouds' sizes "
+        "and the gap between them mean nothing.",
         (),
     ),
     "degradation": (
@@ -144,6 +170,7 @@ def _run_metric(
             opts["key_layers"],
             num_samples=opts["num_samples"],
             max_samples=opts["max_key_samples"],
+            tsne=opts["key_tsne"],
             **common,
         )
     return visual_degradation(model, processor, degradation_probe, num_samples=opts["degradation_samples"], **common)
@@ -168,6 +195,10 @@ def _summary(results: Mapping[str, Any]) -> dict[str, float | None]:
         out["norm_ratio_input"], out["norm_ratio_last"] = _first_last(prof.norm_ratio, prof.layers)
         out["vision_update_cos_mean"] = _mean(prof.vision_update_cos) if prof.update_layers else None
         out["text_update_cos_mean"] = _mean(prof.text_update_cos) if prof.update_layers else None
+        out["vision_encoder_norm"] = prof.vision_path_norms.get("vision_encoder_output", {}).get("mean")
+        out["projector_output_norm"] = prof.vision_path_norms.get("projector_output", {}).get("mean")
+        out["gain_mean_abs"] = prof.projector_gain["mean_abs"] if prof.projector_gain else None
+        out["gain_mean_abs_to_init"] = prof.projector_gain["mean_abs_to_init"] if prof.projector_gain else None
     if results.get("mir") is not None:
         out["mir"] = results["mir"].mir
     keys: KeySpaceResult | None = results.get("key_space")
@@ -192,6 +223,10 @@ _SUMMARY_LABELS = {
     "norm_ratio_last": "norm ratio vision/text, last layer",
     "vision_update_cos_mean": "update cos, vision (mean over layers)",
     "text_update_cos_mean": "update cos, text (mean over layers)",
+    "vision_encoder_norm": "vision-encoder output norm (projector input)",
+    "projector_output_norm": "projector output norm (before its LayerNorm)",
+    "gain_mean_abs": "projector LayerNorm gain, mean |g|",
+    "gain_mean_abs_to_init": "gain mean |g| / init T/√D",
     "key_mmd2_mean": "key MMD², vision vs text (mean)",
     "key_mmd2_intra_mean": "key MMD², intra-modal halves (mean)",
     "key_jsd_mean": "key JSD, vision vs text (mean)",
@@ -217,6 +252,7 @@ def build_report(
     batch_size: int = 8,
     key_layers: Iterable[int] | None = None,
     max_key_samples: int | None = 2000,
+    key_tsne: bool = False,
     seed: int = 0,
     title: str = "hf-normalign diagnostics",
     links: Mapping[str, str] | None = None,
@@ -234,6 +270,8 @@ def build_report(
         batch_size: samples per forward pass.
         key_layers: decoder layers of the key-space gap (default all).
         max_key_samples: keys kept per modality and layer.
+        key_tsne: add a t-SNE map of the keys next to the PCA scatter (``key_tsne.png``; needs
+            scikit-learn: ``pip install "hf-normalign[tsne]"``).
         seed: seed of the subsets and the samplers.
         title: heading of the HTML page.
         links: label -> href shown in the page header, e.g. ``{"demo report": "../report.html"}``.
@@ -262,6 +300,7 @@ def build_report(
         "batch_size": batch_size,
         "key_layers": None if key_layers is None else list(key_layers),
         "max_key_samples": max_key_samples,
+        "key_tsne": key_tsne,
         "seed": seed,
         "progress": progress,
     }
@@ -279,8 +318,11 @@ def build_report(
     for stem, (metric, draw, *_) in tqdm(_PLOTS.items(), desc="plots", disable=not progress, leave=False):
         if metric not in chosen:
             continue
+        fig = draw({name: res[metric] for name, res in results.items()})
+        if fig is None:  # nothing to draw (the t-SNE map when not asked for)
+            continue
         written[stem] = out / f"{stem}.png"
-        plots.png_bytes(draw({name: res[metric] for name, res in results.items()}), written[stem])
+        plots.png_bytes(fig, written[stem])
 
     data = _json_data(models, results, summary, written, opts, title)
     json_path = out / "report.json"
@@ -330,13 +372,13 @@ def _json_data(
 _SECTIONS: dict[str, tuple[str, list[str]]] = {
     "profile": ("Norms and update rate", ["norms", "update_rate"]),
     "mir": ("Modality Integration Rate", ["mir"]),
-    "key_space": ("Key-space gap", ["key_gap", "key_scatter"]),
+    "key_space": ("Key-space gap", ["key_gap", "key_scatter", "key_tsne"]),
     "degradation": ("Visual degradation", ["degradation"]),
 }
 
 # metric -> glossary terms its section uses
 _TERMS: dict[str, tuple[str, ...]] = {
-    "profile": ("layer numbering", "final norm", "update rate", "units"),
+    "profile": ("layer numbering", "final norm", "update rate", "units", "vision path norms", "LayerNorm gain"),
     "mir": ("layer numbering", "final norm", "FID", "MIR"),
     "key_space": ("MMD²", "JSD"),
     "degradation": ("layer numbering",),
@@ -491,6 +533,39 @@ def _summary_table(data: Mapping[str, Any], names: Sequence[str]) -> str:
     return table(["", *names], rows, best=best) + (note if best else "")
 
 
+_VISION_PATH_ROWS: dict[str, str] = {
+    "vision_encoder_output": "vision-encoder output (projector input)",
+    "projector_output": "projector output, before its LayerNorm",
+    "llm_input_vision": "vision tokens at the LLM input",
+    "text_embedding": "text-passage embeddings",
+}
+_GAIN_ROWS: dict[str, str] = {
+    "mean_abs": "gain mean |g|",
+    "l2": "gain ||g||₂",
+    "init_value": "gain init T/√D",
+    "mean_abs_to_init": "mean |g| / init",
+    "l2_to_init": "||g||₂ / T",
+    "gwc_scale": "GWC scale 1/mean |g|",
+}
+
+
+def _vision_path_table(data: Mapping[str, Any], names: Sequence[str]) -> str:
+    """Mean L2 norm at each point of the vision path and the projector LayerNorm's gain: rows x models."""
+    profiles = [data["models"][n]["profile"] for n in names]
+    rows = []
+    for stage, label in _VISION_PATH_ROWS.items():
+        values = [p.get("vision_path_norms", {}).get(stage, {}).get("mean") for p in profiles]
+        rows.append([f"{label}, mean norm", *_fixed_columns([values])[0]])
+    for key, label in _GAIN_ROWS.items():
+        values = [(p.get("projector_gain") or {}).get(key) for p in profiles]
+        rows.append([label, *_fixed_columns([values])[0]])
+    note = (
+        '<p class="caption">Mean L2 norm of the rows at each point (the norm paper\'s measurements) and the '
+        "projector LayerNorm's gain; a dash where the model has no projector LayerNorm.</p>"
+    )
+    return "<h3>Vision path norms and LayerNorm gain</h3>" + table(["", *names], rows) + note
+
+
 def _settings_text(settings: Mapping[str, Any]) -> str:
     return "; ".join(f"{k}: {v}" for k, v in settings.items())
 
@@ -507,6 +582,8 @@ def _html(data: Mapping[str, Any], written: Mapping[str, Path], links: Mapping[s
         if not any(metric in data["models"][n] for n in names):
             continue
         terms += [t for t in _TERMS[metric] if t not in terms]
+        if metric == "key_space" and "key_tsne" in written:
+            terms.append("t-SNE")
         body = []
         for stem in stems:
             if stem not in written:
@@ -514,6 +591,8 @@ def _html(data: Mapping[str, Any], written: Mapping[str, Path], links: Mapping[s
             caption = plot_caption(stem, {n: data["models"][n][metric] for n in names})
             name = written[stem].name
             body.append(figure(written[stem].read_bytes(), _PLOTS[stem][2], caption, href=name, file=name))
+        if metric == "profile":
+            body.append(_vision_path_table(data, names))
         for n in names:
             result = data["models"][n][metric]
             body.append(

@@ -1,0 +1,188 @@
+"""FSDP2 (accelerate's FSDP plugin) with two CPU processes (gloo): stage 1 and stage 2 (full) of the tiny LLaVA with
+all three methods train like one process with the same global batch, and save an aligned checkpoint.
+
+Run as a script, this file is the launcher the tests use: accelerate 1.15 turns ``use_cpu`` into DDP (MULTI_CPU)
+and drops the FSDP plugin on a CPU, so :func:`_keep_fsdp_on_cpu` puts the FSDP distributed type back after
+accelerate set its state up; the sharding, the FSDP2 training step and the full-state-dict save are accelerate's
+and torch's own code::
+
+    accelerate launch --config_file recipes/accelerate/fsdp_cpu.yaml tests/test_fsdp.py 1 --config ... --use_cpu true
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import hf_normalign as normalign
+from hf_normalign.patching import get_plugin
+
+# isort: split
+from hf_normalign.recipes import train
+from hf_normalign.recipes.make_tiny_data import make_tiny_data
+
+FSDP_CONFIG = os.path.join(train.CONFIG_DIR, os.pardir, "accelerate", "fsdp_cpu.yaml")
+# MoCa starts far from the identity: were its hooks skipped inside the FSDP-wrapped decoder layers, the very first
+# loss would differ from the single-process run's.
+STAGE1_SETTINGS = json.dumps({"projector_norm": True, "moca": {"init_std": 0.5}, "pre": True})
+
+
+def _keep_fsdp_on_cpu() -> None:
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    init = AcceleratorState.__init__
+
+    def init_with_fsdp(self, *args, fsdp_plugin=None, **kwargs):
+        init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+            # The Trainer re-reads the shared PartialState later; without this it falls back to MULTI_CPU.
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+    AcceleratorState.__init__ = init_with_fsdp
+
+
+def _launched(stage: int, argv: list[str]) -> None:
+    """One FSDP process: train, then report how the plugin was sharded (``<output_dir>-rank<i>.json``)."""
+    from torch.distributed.tensor import DTensor
+
+    _keep_fsdp_on_cpu()
+    trainer = train.run(train.parse_args(argv, stage=stage))
+    plugin = get_plugin(trainer.model)
+    report = {
+        "distributed_type": str(trainer.accelerator.distributed_type),
+        "model_class": type(trainer.model).__name__,
+        "plugin_sharded": all(isinstance(p, DTensor) for p in plugin.parameters()),
+        "plugin_dtypes": sorted({str(p.dtype) for p in plugin.parameters()}),
+        "plugin_local_numel": sum(p.to_local().numel() for p in plugin.parameters()),
+        "plugin_numel": sum(p.numel() for p in plugin.parameters()),
+    }
+    with open(f"{trainer.args.output_dir}-rank{trainer.args.process_index}.json", "w") as f:
+        json.dump(report, f)
+
+
+# --- tests -------------------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _argv(model, data, out, batch_size: int, **options) -> list[str]:
+    values = {
+        "model_name_or_path": model,
+        "data_path": data,
+        "output_dir": out,
+        "use_cpu": "true",
+        "per_device_train_batch_size": batch_size,
+        "max_steps": 4,
+        "save_steps": 4,
+        "logging_steps": 1,
+        "disable_tqdm": "true",
+        "seed": 0,
+    } | options
+    return [item for key, value in values.items() for item in (f"--{key}", str(value))]
+
+
+def _fsdp_run(stage: int, argv: list[str]) -> None:
+    """Two FSDP processes, half the per-device batch each: the same global batch as one process."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", FSDP_CONFIG]
+    command += ["--main_process_port", str(_free_port()), os.path.abspath(__file__), str(stage), *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """{stage: (single-process output, FSDP output)}; stage 2 (full) starts from the single-process stage 1."""
+    root = tmp_path_factory.mktemp("fsdp")
+    data = make_tiny_data(root / "tiny", num_samples=16, model="llava")
+    model = root / "tiny" / "model"
+    result = {}
+    for stage, options in ((1, {"normalign_config": STAGE1_SETTINGS}), (2, {"learning_rate": 1e-3})):
+        single, fsdp = root / f"single{stage}", root / f"fsdp{stage}"
+        assert train.main(_argv(model, data, single, 4, **options), stage=stage) == 0
+        _fsdp_run(stage, _argv(model, data, fsdp, 2, **options))
+        result[stage] = single, fsdp
+        model = root / "single1"
+    return result
+
+
+def _log(output_dir, key: str) -> list[float]:
+    with open(os.path.join(output_dir, "checkpoint-4", "trainer_state.json")) as f:
+        entries = json.load(f)["log_history"]
+    return [e[key] for e in entries if key in e and "train_runtime" not in e]
+
+
+def _ranks(output_dir) -> list[dict]:
+    return [json.load(open(f"{output_dir}-rank{rank}.json")) for rank in (0, 1)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 2])
+def test_fsdp_shards_the_plugin_in_fp32(runs, stage):
+    """The plugin is part of the FSDP2 root unit: each rank holds half of every plugin parameter, in fp32."""
+    for report in _ranks(runs[stage][1]):
+        assert report["distributed_type"] == "DistributedType.FSDP"
+        assert report["model_class"].startswith("FSDP")  # fully_shard swaps in an FSDP subclass
+        assert report["plugin_sharded"] and report["plugin_dtypes"] == ["torch.float32"]
+        assert report["plugin_local_numel"] * 2 == report["plugin_numel"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 2])
+def test_fsdp_trains_like_one_process(runs, stage):
+    """Gradient norm per step and the saved weights (gathered on rank 0) equal one process's: the updates match."""
+    single, fsdp = runs[stage]
+    expected, got = _log(single, "grad_norm"), _log(fsdp, "grad_norm")
+    assert len(got) == 4
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+    for name in ("normalign.safetensors", "model.safetensors"):
+        expected, got = load_file(single / name), load_file(fsdp / name)
+        assert expected.keys() == got.keys()
+        for key, value in expected.items():
+            torch.testing.assert_close(got[key], value, rtol=0, atol=1e-6, msg=f"{name}: {key}")
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="As under DDP (tests/test_recipes.py): the logged `loss` counts the PRe term num_processes times (the "
+    "Trainer multiplies the loss of models taking num_items_in_batch by num_processes; patching.py adds "
+    "weight * PRe to it) and `pre_loss` is rank 0's own value. Training itself is unaffected (test above).",
+)
+def test_fsdp_logs_like_one_process(runs):
+    single, fsdp = runs[1]
+    for key in ("loss", "pre_loss"):
+        torch.testing.assert_close(_log(fsdp, key), _log(single, key), rtol=1e-5, atol=0, msg=key)
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoint_loads_as_an_aligned_model(runs):
+    """``normalign.from_pretrained`` of the FSDP output gives the single-process model: same plugin, same logits."""
+    single, fsdp = runs[1]
+    a, b = normalign.from_pretrained(single).eval(), normalign.from_pretrained(fsdp).eval()
+    plugin_a, plugin_b = get_plugin(a).state_dict(), get_plugin(b).state_dict()
+    assert plugin_a.keys() == plugin_b.keys()
+    assert not torch.equal(plugin_b["moca.layer_0_norm.scale"], torch.ones_like(plugin_b["moca.layer_0_norm.scale"]))
+    for key in plugin_a:
+        torch.testing.assert_close(plugin_b[key], plugin_a[key], rtol=0, atol=1e-6)
+    from hf_normalign.testing import tiny_batch
+
+    batch = tiny_batch(a)
+    with torch.no_grad():
+        torch.testing.assert_close(b(**batch).logits, a(**batch).logits, rtol=1e-5, atol=1e-5)
+
+
+if __name__ == "__main__":
+    _launched(int(sys.argv[1]), sys.argv[2:])

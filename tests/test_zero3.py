@@ -1,0 +1,47 @@
+"""patch() refuses a model whose parameters DeepSpeed ZeRO-3 partitioned at construction (deepspeed.zero.Init),
+naming the fix. Runs where deepspeed is installed (its CPU accelerator, one gloo process); skipped elsewhere."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("deepspeed")
+
+
+def _launched() -> None:
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    import hf_normalign as normalign
+    from hf_normalign.testing import tiny_model
+
+    ds_config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
+    keep = HfDeepSpeedConfig(ds_config)  # transformers builds models ZeRO-3-aware while this object lives
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        model = tiny_model("llava")
+    assert all(p.numel() == 0 for p in model.parameters()), "expected ZeRO-3 placeholders"
+    with pytest.raises(ValueError, match="partitioned by DeepSpeed ZeRO-3.*zero3_init_flag: false"):
+        normalign.patch(model, methods=["projector_norm", "moca", "pre"])
+    del keep
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_patch_refuses_a_zero3_partitioned_model():
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1"]
+    command += ["--master_port", str(_free_port()), os.path.abspath(__file__)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+if __name__ == "__main__":
+    _launched()
