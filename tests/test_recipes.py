@@ -144,7 +144,7 @@ def test_mir_steps_keep_their_loss_entry(stage1):
 def test_freezing_rules_per_family(family, stage):
     model = normalign.patch(tiny_model(family), methods=["projector_norm", "moca", "pre"])
     spec = get_spec(model)
-    config = SimpleNamespace(stage=stage, model=SimpleNamespace(lora=False, qlora=False))
+    config = SimpleNamespace(stage=stage, model=SimpleNamespace(lora=False, qlora=False), baseline=False)
     train.setup_stage(model, config)
     projectors = tuple(f"{p}." for p in train.projector_paths(model))
     assert len(projectors) == (2 if family == "qwen3_vl" else 1)  # + the deepstack mergers
