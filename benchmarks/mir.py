@@ -127,7 +127,11 @@ def bench_capture(hidden: int, layers: int, samples: int, batch_size: int, devic
 
     def batched() -> int:
         rows = 0
-        for b in capture(model, proc, encoded, batch_size=batch_size, output_device="cpu", progress=False):
+        # as run_probe runs it: batches of similar length (less padding)
+        batches = capture(
+            model, proc, encoded, batch_size=batch_size, output_device="cpu", progress=False, bucket_by_length=True
+        )
+        for b in batches:
             rows += sum(b.vision[k].shape[0] + b.text[k].shape[0] for k in b.layers)
         return rows
 

@@ -255,13 +255,13 @@ COMMANDS: dict[str, Command] = {
         "patch a model and save the aligned checkpoint",
         "Load MODEL (a directory or Hub repo id), patch it and save an aligned checkpoint to --out.",
         _patch_arguments,
-        "hf_normalign.persistence:_run_patch",
+        "hf_normalign.persistence.command:run",
     ),
     "push": Command(
         "upload an aligned checkpoint or adapter to the Hub",
         "Upload the aligned checkpoint or adapter in DIR to REPO_ID, in one commit with a model card.",
         _push_arguments,
-        "hf_normalign.hub:_run_push",
+        "hf_normalign.hub:run_push",
     ),
     "mir": Command(
         "Modality Integration Rate of a model",

@@ -14,8 +14,8 @@ import safetensors.torch
 from transformers import AutoModelForImageTextToText
 
 import hf_normalign as normalign
-from hf_normalign import persistence
 from hf_normalign.config import MoCaConfig, NormAlignConfig, PReConfig, ProjectorNormConfig
+from hf_normalign.persistence.format import file_sha256
 from hf_normalign.testing import tiny_model
 
 CheckpointError = normalign.NormAlignCheckpointError
@@ -68,7 +68,7 @@ def _non_finite(saved, tmp_path):
     tensors = safetensors.torch.load_file(ckpt / "normalign.safetensors")
     tensors["moca.layer_0_norm.scale"][0] = math.nan
     safetensors.torch.save_file(tensors, ckpt / "normalign.safetensors")
-    digest = persistence._sha256(str(ckpt / "normalign.safetensors"))
+    digest = file_sha256(str(ckpt / "normalign.safetensors"))
     _edit_json(ckpt / "normalign_config.json", lambda d: d["sha256"].update({"normalign.safetensors": digest}))
     return ckpt
 

@@ -40,8 +40,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..modeling import get_base_model
 from ..registry import get_spec
-from .model_facts import base_model, model_input_device, resolve_layers, vision_token_ids
+from .model_facts import model_input_device, resolve_layers, vision_token_ids
 from .probes.encoding import EncodedSample, check_samples, pad_token_id, prepare_probe, select_text_tokens
 from .probes.probe import Probe, ProbeSample
 
@@ -282,7 +283,7 @@ def capture(
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    wrapper, model = model, base_model(model)
+    wrapper, model = model, get_base_model(model)
     selected = resolve_layers(model, layers, include_embeddings=include_embeddings)
     samples = prepare_probe(processor, probe, prompt=prompt, progress=progress)
     vision_ids = vision_token_ids(model)

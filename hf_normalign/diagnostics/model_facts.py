@@ -22,21 +22,15 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from ..modeling import get_base_model
 from ..registry import get_spec
 
-__all__ = ["base_model", "model_input_device", "num_layers", "resolve_layers", "vision_token_ids"]
-
-
-def base_model(model: nn.Module) -> nn.Module:
-    """The transformers model under a PEFT wrapper (LoRA layers live inside it, so they still run); any other
-    model as it is."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
+__all__ = ["model_input_device", "num_layers", "resolve_layers", "vision_token_ids"]
 
 
 def num_layers(model: nn.Module) -> int:
     """K, the number of decoder layers of the LLM."""
-    model = base_model(model)
+    model = get_base_model(model)
     return len(get_spec(model).decoder_layers(model))
 
 
@@ -67,12 +61,12 @@ def resolve_layers(
 
 def vision_token_ids(model: nn.Module) -> list[int]:
     """Token ids marking vision positions (image and, where the family has one, video placeholders)."""
-    model = base_model(model)
+    model = get_base_model(model)
     return get_spec(model).vision_token_ids(model.config)
 
 
 def model_input_device(model: nn.Module) -> torch.device:
     """Where inputs go: the device of the input embedding (the first device under a device map)."""
-    model = base_model(model)
+    model = get_base_model(model)
     weight = getattr(get_spec(model).input_embeddings(model), "weight", None)
     return weight.device if weight is not None else next(model.parameters()).device

@@ -51,6 +51,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ...modeling import get_base_model
 from ...registry import get_spec
 from ..engine import CaptureBatch
 from ..maths.degradation import (
@@ -63,7 +64,7 @@ from ..maths.degradation import (
     patch_labels_for_grid,
 )
 from ..maths.features import as_features
-from ..model_facts import base_model, resolve_layers
+from ..model_facts import resolve_layers
 from ..probes.encoding import prepare_probe
 from ..probes.probe import Probe, sample_indices
 from ..probes.shapes import LabelledProbe, labels_from_names, shapes_probe
@@ -226,7 +227,7 @@ class DegradationAccumulator(Accumulator):
     @contextlib.contextmanager
     def attach(self, model: nn.Module, samples: Sequence[Any]) -> Iterator[None]:
         self._grid_of = self._token_grid or functools.partial(token_grid, model)
-        self._model_type = getattr(base_model(model).config, "model_type", "this model")
+        self._model_type = getattr(get_base_model(model).config, "model_type", "this model")
         try:
             yield
         finally:
@@ -387,7 +388,7 @@ def token_grid(model: nn.Module, n_tokens: int) -> tuple[int, int, int] | None:
         >>> token_grid(tiny_model("llava"), 16), token_grid(tiny_model("llava"), 15)
         ((0, 4, 4), None)
     """
-    base = base_model(model)
+    base = get_base_model(model)
     if get_spec(base).vision_grid == "overview_tile":
         vision = base.config.vision_config
         side = int(vision.image_size) // int(vision.patch_size)

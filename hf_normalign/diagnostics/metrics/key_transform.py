@@ -11,8 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...modeling import get_base_model
 from ...registry import get_spec
-from ..model_facts import base_model, vision_token_ids
+from ..model_facts import vision_token_ids
 
 __all__ = ["KeyTransform"]
 
@@ -28,7 +29,7 @@ class KeyTransform:
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[int], samples: Sequence[Any], space: str) -> None:
-        base = base_model(model)
+        base = get_base_model(model)
         decoder = get_spec(base).decoder_layers(base)
         self.space = space
         self.attentions = {k: decoder[k - 1].self_attn for k in layers}

@@ -44,10 +44,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...modeling import get_base_model
 from ..engine import CaptureBatch
 from ..maths.frechet import SqrtMethod
 from ..maths.mir import MIRResult, StreamingMIR, mir_from_features
-from ..model_facts import base_model, model_input_device, resolve_layers, vision_token_ids
+from ..model_facts import model_input_device, resolve_layers, vision_token_ids
 from ..probes.encoding import (
     TEXT_TOKENS,
     EncodedSample,
@@ -163,7 +164,7 @@ def mir(
         "include_embeddings": include_embeddings,
     }
     text_tokens, prompt = _apply_preset(preset, given, text_tokens, prompt, processor, probe)
-    base = base_model(model)
+    base = get_base_model(model)
     selected = resolve_layers(base, layers, include_embeddings=include_embeddings)
     samples = prepare_probe(processor, probe, num_samples=num_samples, seed=seed, prompt=prompt, progress=progress)
     vision_ids = vision_token_ids(base)

@@ -44,11 +44,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...modeling import get_base_model
 from ...registry import embedding_scale, get_spec
 from ..engine import CaptureBatch
 from ..maths.features import as_features
 from ..maths.norms import adjacent_cosine, norm_stats, norm_summary, token_cosines
-from ..model_facts import base_model, resolve_layers
+from ..model_facts import resolve_layers
 from ..probes.encoding import prepare_probe, probe_description
 from ..results import Column, Result, Table
 from ..runner import Accumulator, CaptureRequest, RunOptions, run_probe
@@ -304,7 +305,7 @@ def projector_gain_stats(model: nn.Module) -> dict[str, Any] | None:
         >>> round(stats["mean_abs_to_init"], 6), round(stats["l2_to_init"], 6)
         (1.0, 1.0)
     """
-    base = base_model(model)
+    base = get_base_model(model)
     plugin = getattr(base, "normalign", None)
     norms = getattr(plugin, "projector_norm", None)
     if norms is None:
@@ -337,7 +338,7 @@ def _projector_hooks(model: nn.Module, acc: ProfileAccumulator) -> Iterator[None
     The output hook runs ahead of every other forward hook of the projector (``prepend``), so it sees the
     projector's own output, before hf-normalign's LayerNorm hook replaces it.
     """
-    base = base_model(model)
+    base = get_base_model(model)
     spec = get_spec(base)
     projector = spec.get(base, spec.projector)
 
