@@ -23,13 +23,12 @@ from hf_normalign.diagnostics.maths.degradation import (
     participation_ratio,
     patch_labels_for_grid,
 )
-from hf_normalign.diagnostics.metrics import degradation as dg
 from hf_normalign.diagnostics.metrics.degradation import (
     DegradationResult,
     degradation_from_features,
-    token_grid,
     visual_degradation,
 )
+from hf_normalign.diagnostics.metrics.token_grid import token_grid
 from hf_normalign.diagnostics.probes import (
     SHAPE_CLASSES,
     LabelledProbe,
@@ -38,6 +37,7 @@ from hf_normalign.diagnostics.probes import (
     encode_probe,
     shapes_probe,
 )
+from hf_normalign.diagnostics.probes.shapes import resolve_labelled
 from hf_normalign.testing import tiny_model, tiny_processor
 
 
@@ -186,7 +186,7 @@ def test_shapes_probe_is_deterministic_and_labelled():
         objects = set(np.unique(m)) - {-1}
         assert 2 <= len(objects) <= 4 and objects == set(range(len(objects)))
         assert (m >= 0).mean() > 0.3  # objects cover a good part of the image
-    sub = dg._resolve_labelled(a, None, None, 2, seed=0)  # a seeded subset keeps labels aligned
+    sub = resolve_labelled(a, None, None, 2, seed=0)  # a seeded subset keeps labels aligned
     assert len(sub.samples) == 2 and sub.class_names == list(SHAPE_CLASSES)
     assert all(s.name.endswith(SHAPE_CLASSES[y]) for s, y in zip(sub.samples, sub.image_labels, strict=True))
 

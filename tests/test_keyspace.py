@@ -13,15 +13,8 @@ from test_profile import BATCH_FAMILIES, PROCESSOR_FAMILIES, _encoded
 
 import hf_normalign.diagnostics.maths.keyspace as ks
 import hf_normalign.diagnostics.metrics.keyspace as ksm
-from hf_normalign.diagnostics.maths.keyspace import (
-    jsd_histograms,
-    jsd_pca,
-    median_bandwidth,
-    mmd2_rbf,
-    pca_basis,
-    pca_histograms,
-    subsample,
-)
+from hf_normalign.diagnostics.maths.keyspace import jsd_histograms, jsd_pca, pca_basis, pca_histograms
+from hf_normalign.diagnostics.maths.mmd import median_bandwidth, mmd2_rbf, subsample
 from hf_normalign.diagnostics.maths.reservoir import Reservoir
 from hf_normalign.diagnostics.metrics.keyspace import KeySpaceResult, key_space_from_features, key_space_gap
 from hf_normalign.diagnostics.probes import EncodedSample

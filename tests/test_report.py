@@ -21,7 +21,8 @@ from hf_normalign.diagnostics.maths.mir import MIRResult
 from hf_normalign.diagnostics.metrics.degradation import DegradationResult
 from hf_normalign.diagnostics.metrics.keyspace import KeySpaceResult
 from hf_normalign.diagnostics.metrics.profile import ModalityProfile
-from hf_normalign.diagnostics.report import METRICS, build_report, coincidence_note
+from hf_normalign.diagnostics.report import METRICS, build_report
+from hf_normalign.diagnostics.report_page import coincidence_note
 from hf_normalign.testing import tiny_model, tiny_processor
 
 _VOID = {"meta", "img", "br", "hr", "link", "input"}

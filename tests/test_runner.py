@@ -20,9 +20,9 @@ from hf_normalign.diagnostics import (
     run_probe,
 )
 from hf_normalign.diagnostics.engine import batch_plan, capture
+from hf_normalign.diagnostics.maths.keyspace import KeySpaceOptions
 from hf_normalign.diagnostics.maths.reservoir import Reservoir
 from hf_normalign.diagnostics.metrics.degradation import DegradationOptions
-from hf_normalign.diagnostics.metrics.keyspace import KeySpaceOptions
 from hf_normalign.diagnostics.model_facts import vision_token_ids
 from hf_normalign.diagnostics.probes import prepare_probe
 from hf_normalign.diagnostics.results import json_float

@@ -27,8 +27,9 @@ from .maths.degradation import (
     participation_ratio,
 )
 from .maths.frechet import SQRT_METHODS, GaussianMoments, frechet_distance, frechet_from_moments, trace_sqrt_product
-from .maths.keyspace import jsd_histograms, jsd_pca, median_bandwidth, mmd2_rbf, pca_basis, pca_histograms
+from .maths.keyspace import jsd_histograms, jsd_pca, pca_basis, pca_histograms
 from .maths.mir import OUTLIER_MODES, MIRResult, StreamingMIR, mir_from_features
+from .maths.mmd import median_bandwidth, mmd2_rbf
 from .maths.norms import adjacent_cosine, norm_stats
 from .metrics.degradation import DegradationResult, degradation_from_features, visual_degradation
 from .metrics.keyspace import KeySpaceResult, key_space_from_features, key_space_gap

@@ -1,42 +1,42 @@
-"""MMD, shared-PCA histograms and their Jensen-Shannon divergence, t-SNE: the key-space gap measures on
-plain feature tensors (the model-level metric and its choices: :mod:`..metrics.keyspace`).
+"""The key-space gap measures on plain tensors: the shared PCA projection, histogram JSD and t-SNE, with MMD from
+:mod:`.mmd`; the choices behind the numbers (:class:`KeySpaceOptions`) and all numbers of one layer
+(:func:`layer_gap`). The model-level metric: :mod:`..metrics.keyspace`.
 
 Example:
     >>> import torch
     >>> g = torch.Generator().manual_seed(0)
-    >>> x, y = torch.randn(300, 8, generator=g), torch.randn(300, 8, generator=g)
-    >>> abs(mmd2_rbf(x, y)) < 0.02          # same distribution
-    True
-    >>> mmd2_rbf(x, y + 2.0) > 0.3          # shifted
-    True
+    >>> v, t = torch.randn(200, 6, generator=g).double() + 1.0, torch.randn(150, 6, generator=g).double()
+    >>> numbers = layer_gap(v, t, 1, KeySpaceOptions(bins=4), want_scatter=False)
+    >>> numbers["mmd2"] > numbers["mmd2_text_halves"], numbers["jsd_bins"]
+    (True, 4)
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from .features import as_features
+from .mmd import median_bandwidth, mmd2, mmd2_both, random_halves, subsample
 
 __all__ = [
     "MAX_CELLS",
+    "KeySpaceOptions",
     "auto_bins",
     "jsd_histograms",
     "jsd_pca",
-    "median_bandwidth",
-    "mmd2",
-    "mmd2_both",
-    "mmd2_rbf",
+    "layer_gap",
     "pca_basis",
     "pca_histograms",
-    "random_halves",
-    "subsample",
     "tsne_2d",
     "tsne_class",
 ]
+
 
 _EXACT_PCA_MAX = 512  # exact eigh below this size; seeded randomized subspace iteration above
 
@@ -52,116 +52,6 @@ def auto_bins(n: int, dims: int) -> int:
         (10, 64, 2)
     """
     return int(min(64, max(2, math.floor((max(n, 0) / 10) ** (1 / dims) + 1e-9))))
-
-
-def subsample(x: Any, max_samples: int | None, seed: int = 0) -> torch.Tensor:
-    """A seeded uniform subset of at most ``max_samples`` rows of ``x`` (original order kept), float64.
-
-    Example:
-        >>> import torch
-        >>> subsample(torch.arange(10.0)[:, None], 3, seed=0).shape
-        torch.Size([3, 1])
-    """
-    t = as_features(x, "features", min_rows=0)
-    if max_samples is not None and max_samples < 1:
-        raise ValueError(f"max_samples must be >= 1 or None, got {max_samples}")
-    if max_samples is None or t.shape[0] <= max_samples:
-        return t
-    perm = torch.randperm(t.shape[0], generator=torch.Generator().manual_seed(seed))
-    return t[perm[:max_samples].sort().values.to(t.device)]
-
-
-def _sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    # ||a||^2 + ||b||^2 - 2 a.b in float64; clamped because rounding can make it slightly negative.
-    d = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * (a @ b.T)
-    return d.clamp_min_(0.0)
-
-
-def median_bandwidth(x: Any, y: Any | None = None) -> float:
-    """Median-heuristic RBF bandwidth: the median pairwise Euclidean distance of the pooled rows.
-
-    Over the distinct pairs (i < j) of ``x`` stacked on ``y``; the average of the two middle values
-    for an even count. Falls back to the mean distance when the median is 0 (many repeated rows),
-    and to 1.0 when all rows coincide.
-
-    Example:
-        >>> import torch
-        >>> median_bandwidth(torch.tensor([[0.0], [1.0], [3.0]]))
-        2.0
-    """
-    z = as_features(x, "x", min_rows=1)
-    if y is not None:
-        z = torch.cat([z, as_features(y, "y", min_rows=1).to(z.device)])
-    if z.shape[0] < 2:
-        raise ValueError("the median heuristic needs at least 2 points")
-    iu = torch.triu_indices(z.shape[0], z.shape[0], offset=1, device=z.device)
-    dist = _sq_dists(z, z)[iu[0], iu[1]].sqrt()
-    h = float(np.median(dist.cpu().numpy()))
-    if h <= 0:
-        h = float(dist.mean())
-    return h if h > 0 else 1.0
-
-
-def mmd2(x: torch.Tensor, y: torch.Tensor, h: float, unbiased: bool) -> float:
-    """MMD^2 of float64 rows ``x``, ``y`` with RBF bandwidth ``h``: the U-statistic or the V-statistic."""
-    return mmd2_both(x, y, h)[0 if unbiased else 1]
-
-
-def mmd2_both(x: torch.Tensor, y: torch.Tensor, h: float) -> tuple[float, float]:
-    """(unbiased U-statistic, biased V-statistic) of MMD^2 from one set of kernel matrices."""
-    gamma = 1.0 / (2.0 * h * h)
-    kxx = torch.exp(-gamma * _sq_dists(x, x))
-    kyy = torch.exp(-gamma * _sq_dists(y, y))
-    kxy = torch.exp(-gamma * _sq_dists(x, y))
-    n, m = x.shape[0], y.shape[0]
-    cross = 2.0 * kxy.mean()
-    # The exact diagonal is exp(0) = 1; the U-statistic leaves it out.
-    sxx = (kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1))
-    syy = (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
-    return float(sxx + syy - cross), float(kxx.mean() + kyy.mean() - cross)
-
-
-def mmd2_rbf(
-    x: Any,
-    y: Any,
-    *,
-    bandwidth: float | None = None,
-    unbiased: bool = True,
-    max_samples: int | None = 2000,
-    seed: int = 0,
-) -> float:
-    """Squared maximum mean discrepancy of ``x`` [n, d] and ``y`` [m, d] with a Gaussian RBF kernel.
-
-    k(a, b) = exp(-||a - b||^2 / (2 h^2)). Unbiased (default):
-
-        MMD^2_u = sum_{i != j} k(x_i, x_j) / (n (n-1)) + sum_{i != j} k(y_i, y_j) / (m (m-1))
-                  - 2 sum_{i, j} k(x_i, y_j) / (n m)
-
-    ``unbiased=False`` keeps the diagonal terms (divides by n^2, m^2). Computed in float64.
-
-    Args:
-        bandwidth: h; None = :func:`median_bandwidth` of the pooled (subsampled) rows.
-        max_samples: at most this many rows per set, a seeded uniform subset (``seed`` for x,
-            ``seed + 1`` for y); None = all rows (memory grows as (n + m)^2).
-
-    Example:
-        >>> import torch
-        >>> x = torch.zeros(4, 2)
-        >>> mmd2_rbf(x, x + 1.0, bandwidth=1.0)  # 1 + 1 - 2 exp(-1)
-        1.2642411176571153
-    """
-    xs = subsample(x, max_samples, seed)
-    ys = subsample(y, max_samples, seed + 1).to(xs.device)
-    minimum = 2 if unbiased else 1
-    for name, t in (("x", xs), ("y", ys)):
-        if t.shape[0] < minimum:
-            raise ValueError(f"mmd2_rbf: {name} needs at least {minimum} rows, got {t.shape[0]}")
-    if xs.shape[1] != ys.shape[1]:
-        raise ValueError(f"mmd2_rbf: x has {xs.shape[1]} dims, y has {ys.shape[1]}")
-    h = median_bandwidth(xs, ys) if bandwidth is None else float(bandwidth)
-    if not h > 0:
-        raise ValueError(f"bandwidth must be > 0, got {bandwidth}")
-    return mmd2(xs, ys, h, unbiased)
 
 
 def _fix_signs(components: torch.Tensor) -> torch.Tensor:
@@ -350,8 +240,120 @@ def tsne_2d(x: Any, *, seed: int = 0, perplexity: float | None = None) -> np.nda
     return tsne(n_components=2, perplexity=chosen, init="pca", random_state=seed).fit_transform(rows)
 
 
-def random_halves(x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two disjoint random halves of the rows of ``x`` (the intra-modal baseline); an odd row is left out."""
-    perm = torch.randperm(x.shape[0], generator=gen).to(x.device)
-    half = x.shape[0] // 2
-    return x[perm[:half]], x[perm[half : 2 * half]]
+@dataclass(frozen=True)
+class KeySpaceOptions:
+    """The choices behind the key-space numbers (module docstring), validated on construction.
+
+    Example:
+        >>> KeySpaceOptions(jsd_base=1.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: jsd_base must be > 1, got 1.0
+    """
+
+    bandwidth: float | None = None
+    unbiased: bool = True
+    max_samples: int | None = 2000
+    pca_dims: int = 2
+    bins: int | None = None
+    jsd_base: float = 2.0
+    clip_quantile: float = 0.01
+    scatter_layers: tuple[int, ...] | None = None
+    scatter_points: int = 300
+    seed: int = 0
+    tsne: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bandwidth is not None and not self.bandwidth > 0:
+            raise ValueError(f"bandwidth must be > 0 or None, got {self.bandwidth}")
+        if self.max_samples is not None and self.max_samples < 4:
+            raise ValueError(f"max_samples must be >= 4 or None, got {self.max_samples}")
+        if self.pca_dims < 1 or (self.bins is not None and (self.bins < 1 or self.bins**self.pca_dims > MAX_CELLS)):
+            raise ValueError(f"need pca_dims >= 1, bins >= 1 and bins ** pca_dims <= {MAX_CELLS}")
+        if not self.jsd_base > 1:
+            raise ValueError(f"jsd_base must be > 1, got {self.jsd_base}")
+        if not 0 <= self.clip_quantile < 0.5:
+            raise ValueError(f"clip_quantile must be in [0, 0.5), got {self.clip_quantile}")
+        if self.scatter_layers is not None:
+            object.__setattr__(self, "scatter_layers", tuple(int(i) for i in self.scatter_layers))
+        if self.tsne:
+            tsne_class()  # the missing extra is reported before any work
+
+    def scatter_for(self, layers: Sequence[int]) -> set[int]:
+        """The layers that get scatter points: ``scatter_layers``, default the first, middle and last."""
+        if self.scatter_layers is not None:
+            return set(self.scatter_layers)
+        return {layers[0], layers[len(layers) // 2], layers[-1]}
+
+    def settings(self) -> dict[str, Any]:
+        """How the numbers were computed, for ``KeySpaceResult.settings``."""
+        return {
+            "kernel": "rbf: exp(-||a-b||^2 / (2 h^2))",
+            "bandwidth": "median heuristic (pooled vision+text, per layer)"
+            if self.bandwidth is None
+            else float(self.bandwidth),
+            "estimator": "unbiased U-statistic" if self.unbiased else "biased V-statistic",
+            "max_samples": self.max_samples,
+            "intra_modal_baseline": "random halves of each modality, cross-modal bandwidth",
+            "jsd": f"joint histogram of a shared equal-weight PCA projection, log base {self.jsd_base:g}",
+            "pca_dims": self.pca_dims,
+            "bins": "auto: about 10 points per cell of a half of the smaller modality"
+            if self.bins is None
+            else self.bins,
+            "clip_quantile": self.clip_quantile,
+            "jsd_base": self.jsd_base,
+            "scatter_points": self.scatter_points,
+            "tsne": "2-D t-SNE of the scatter points (scikit-learn, init pca, perplexity min(30, (n-1)/3))"
+            if self.tsne
+            else False,
+            "seed": self.seed,
+        }
+
+
+def layer_gap(
+    v: torch.Tensor, t: torch.Tensor, layer: int, opts: KeySpaceOptions, want_scatter: bool
+) -> dict[str, Any]:
+    """All numbers of one layer from (already capped) float64 vision keys ``v`` and text keys ``t``."""
+    for name, x in (("vision", v), ("text", t)):
+        if x.shape[0] < 4:
+            raise ValueError(
+                f"layer {layer}: {x.shape[0]} {name} keys; the key-space gap needs at least 4 per modality "
+                "(2 per random half for the intra-modal baseline)"
+            )
+    seed, unbiased, dims = opts.seed, opts.unbiased, opts.pca_dims
+    h = median_bandwidth(v, t) if opts.bandwidth is None else float(opts.bandwidth)
+    gen = torch.Generator().manual_seed(seed + 7919 * layer)
+    v1, v2 = random_halves(v, gen)
+    t1, t2 = random_halves(t, gen)
+    bins = auto_bins(min(v1.shape[0], t1.shape[0]), dims) if opts.bins is None else opts.bins
+    jsd = dict(dims=dims, bins=bins, clip_quantile=opts.clip_quantile, seed=seed)
+    base = opts.jsd_base
+    mmd2_u, mmd2_b = mmd2_both(v, t, h)
+    out = {
+        "mmd2": mmd2_u if unbiased else mmd2_b,
+        "mmd2_unbiased": mmd2_u,
+        "mmd2_biased": mmd2_b,
+        "mmd": math.sqrt(max(mmd2_b, 0.0)),
+        "mmd2_vision_halves": mmd2(v1, v2, h, unbiased),
+        "mmd2_text_halves": mmd2(t1, t2, h, unbiased),
+        "jsd": jsd_histograms(*pca_histograms(v, t, **jsd)[:2], base=base),
+        "jsd_vision_halves": jsd_histograms(*pca_histograms(v1, v2, **jsd)[:2], base=base),
+        "jsd_text_halves": jsd_histograms(*pca_histograms(t1, t2, **jsd)[:2], base=base),
+        "bandwidth": h,
+        "jsd_bins": bins,
+    }
+    if want_scatter:
+        mean, comps, var = pca_basis(v, t, min(2, v.shape[1]), seed=seed)
+        n = opts.scatter_points
+        pick = {
+            name: x[torch.randperm(x.shape[0], generator=gen)[:n].sort().values.to(x.device)]
+            for name, x in (("vision", v), ("text", t))
+        }
+        out["scatter"] = {
+            name: [[float(c) for c in row] for row in ((x - mean) @ comps.T).cpu().tolist()] for name, x in pick.items()
+        } | {"variance": [float(s) for s in var]}
+        if opts.tsne:  # one embedding of both modalities, so their points share the map
+            points = tsne_2d(torch.cat([pick["vision"], pick["text"]]), seed=seed).tolist()
+            nv = pick["vision"].shape[0]
+            out["scatter"]["tsne"] = {"vision": points[:nv], "text": points[nv:]}
+    return out

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -52,7 +51,6 @@ import torch
 from torch import nn
 
 from ...modeling import get_base_model
-from ...registry import get_spec
 from ..engine import CaptureBatch
 from ..maths.degradation import (
     contrast_from_sums,
@@ -61,22 +59,20 @@ from ..maths.degradation import (
     mean_abs_offdiag_correlation,
     mean_offdiag_correlation,
     participation_ratio,
-    patch_labels_for_grid,
 )
 from ..maths.features import as_features
 from ..model_facts import resolve_layers
 from ..probes.encoding import prepare_probe
-from ..probes.probe import Probe, sample_indices
-from ..probes.shapes import LabelledProbe, labels_from_names, shapes_probe
+from ..probes.shapes import resolve_labelled
 from ..results import Column, Result, Table
 from ..runner import Accumulator, CaptureRequest, RunOptions, run_probe
+from .token_grid import batch_patch_labels, token_grid
 
 __all__ = [
     "DegradationAccumulator",
     "DegradationOptions",
     "DegradationResult",
     "degradation_from_features",
-    "token_grid",
     "visual_degradation",
 ]
 
@@ -240,7 +236,7 @@ class DegradationAccumulator(Accumulator):
     def update(self, batch: CaptureBatch) -> None:
         patch = None
         if self.with_contrast:
-            patch = _batch_patch_labels(
+            patch = batch_patch_labels(
                 batch.vision_sample, batch.vision_patch, self.label_maps, self._grid_of, self.options.min_coverage
             )
             if patch is None:
@@ -373,72 +369,6 @@ def degradation_from_features(
     return acc.result()
 
 
-def token_grid(model: nn.Module, n_tokens: int) -> tuple[int, int, int] | None:
-    """(first token, rows, cols) of the row-major grid of vision tokens covering the whole image, from the
-    family's ``ArchitectureSpec.vision_grid``; None when the layout is unknown.
-
-    ``"overview_tile"`` (LLaVA-NeXT / OneVision): the overview tile of (image_size / patch_size)^2 tokens comes
-    first, then the high-res tiles (the total may happen to be square as well). ``"square"``: a square count
-    is a square grid (LLaVA, Qwen-VL on square images, InternVL, Gemma3, PaliGemma, Idefics3 / SmolVLM without
-    image splitting, Mistral3); anything else is unknown. Checked on every tiny family by perturbing one image
-    quadrant (tests/test_degradation.py).
-
-    Example:
-        >>> from hf_normalign.testing import tiny_model
-        >>> token_grid(tiny_model("llava"), 16), token_grid(tiny_model("llava"), 15)
-        ((0, 4, 4), None)
-    """
-    base = get_base_model(model)
-    if get_spec(base).vision_grid == "overview_tile":
-        vision = base.config.vision_config
-        side = int(vision.image_size) // int(vision.patch_size)
-        return (0, side, side) if side * side <= n_tokens else None
-    side = math.isqrt(n_tokens)
-    return (0, side, side) if side * side == n_tokens else None
-
-
-@dataclass
-class _Labelled:
-    """The pairs to encode and their labels, aligned (after the seeded subset)."""
-
-    samples: list[Any]
-    image_labels: list[int] | None
-    class_names: list[str] | None
-    label_maps: list[Any] | None
-    name: str
-
-
-def _resolve_labelled(
-    probe: Any, image_labels: Sequence[int] | None, label_maps: Sequence[Any] | None, num_samples: int | None, seed: int
-) -> _Labelled:
-    """Samples and labels from the probe arguments (explicit labels win over the probe's own)."""
-    class_names = None
-    if probe is None:
-        probe = shapes_probe(num_samples or 60, seed)
-    if isinstance(probe, LabelledProbe):
-        samples, name = list(probe.probe), probe.probe.name
-        image_labels = probe.image_labels if image_labels is None else image_labels
-        label_maps = probe.label_maps if label_maps is None else label_maps
-        class_names = probe.class_names
-    else:
-        samples = list(probe.samples if isinstance(probe, Probe) else probe)
-        name = getattr(probe, "name", None) or f"{len(samples)} pairs"
-        named = labels_from_names(samples) if image_labels is None else None
-        if named is not None:
-            image_labels, class_names = named
-    for what, values in (("image_labels", image_labels), ("label_maps", label_maps)):
-        if values is not None and len(values) != len(samples):
-            raise ValueError(f"{what} has {len(values)} entries for {len(samples)} probe pairs")
-    keep = sample_indices(len(samples), num_samples, seed)
-    return _Labelled(
-        [samples[i] for i in keep],
-        None if image_labels is None else [image_labels[i] for i in keep],
-        class_names,
-        None if label_maps is None else [label_maps[i] for i in keep],
-        name if len(keep) == len(samples) else f"{name}, {len(keep)} of {len(samples)} (seed {seed})",
-    )
-
-
 def visual_degradation(
     model: nn.Module,
     processor: Any,
@@ -495,7 +425,7 @@ def visual_degradation(
     """
     options = DegradationOptions(folds, ridge, corr_axis, seed, min_coverage)
     selected = resolve_layers(model, layers, include_embeddings=layers is None)
-    data = _resolve_labelled(probe, image_labels, label_maps, num_samples, seed)
+    data = resolve_labelled(probe, image_labels, label_maps, num_samples, seed)
     samples = prepare_probe(processor, data.samples, seed=seed, prompt=prompt, progress=progress)
     acc = DegradationAccumulator(
         selected,
@@ -512,25 +442,3 @@ def visual_degradation(
         return None
     settings = {"final_norm": final_norm, "probe": data.name, "batch_size": batch_size, "min_coverage": min_coverage}
     return merged.result(settings=settings)
-
-
-def _batch_patch_labels(
-    sample: torch.Tensor,
-    patch: torch.Tensor,
-    maps: Sequence[Any],
-    grid_of: Callable[[int], tuple[int, int, int] | None],
-    min_coverage: float,
-) -> torch.Tensor | None:
-    """Object label of every vision row of a batch (-1 outside the grid), or None if a layout is unknown."""
-    out = torch.full_like(patch, -1)
-    for s in sample.unique().tolist():
-        rows = (sample == s).nonzero().squeeze(1)
-        grid = grid_of(int(rows.shape[0]))
-        if grid is None:
-            return None
-        first, r, c = grid
-        cells = torch.as_tensor(patch_labels_for_grid(maps[s], r, c, min_coverage=min_coverage))
-        within = patch[rows] - first
-        inside = (within >= 0) & (within < r * c)
-        out[rows[inside]] = cells[within[inside]]
-    return out

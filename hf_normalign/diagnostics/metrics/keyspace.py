@@ -56,7 +56,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,20 +65,8 @@ from torch import nn
 
 from ..engine import CaptureBatch
 from ..maths.features import as_features
-from ..maths.keyspace import (
-    MAX_CELLS,
-    auto_bins,
-    jsd_histograms,
-    median_bandwidth,
-    mmd2,
-    mmd2_both,
-    pca_basis,
-    pca_histograms,
-    random_halves,
-    subsample,
-    tsne_2d,
-    tsne_class,
-)
+from ..maths.keyspace import KeySpaceOptions, layer_gap
+from ..maths.mmd import subsample
 from ..maths.reservoir import Reservoir
 from ..model_facts import resolve_layers, vision_token_ids
 from ..probes.encoding import EncodedSample, prepare_probe, probe_description
@@ -175,125 +162,6 @@ class KeySpaceResult(Result):
 
     def __str__(self) -> str:
         return f"KeySpaceResult ({self.num_samples} samples; V|V, T|T = random halves)\n{self.format_table()}"
-
-
-@dataclass(frozen=True)
-class KeySpaceOptions:
-    """The choices behind the key-space numbers (module docstring), validated on construction.
-
-    Example:
-        >>> KeySpaceOptions(jsd_base=1.0)
-        Traceback (most recent call last):
-        ...
-        ValueError: jsd_base must be > 1, got 1.0
-    """
-
-    bandwidth: float | None = None
-    unbiased: bool = True
-    max_samples: int | None = 2000
-    pca_dims: int = 2
-    bins: int | None = None
-    jsd_base: float = 2.0
-    clip_quantile: float = 0.01
-    scatter_layers: tuple[int, ...] | None = None
-    scatter_points: int = 300
-    seed: int = 0
-    tsne: bool = False
-
-    def __post_init__(self) -> None:
-        if self.bandwidth is not None and not self.bandwidth > 0:
-            raise ValueError(f"bandwidth must be > 0 or None, got {self.bandwidth}")
-        if self.max_samples is not None and self.max_samples < 4:
-            raise ValueError(f"max_samples must be >= 4 or None, got {self.max_samples}")
-        if self.pca_dims < 1 or (self.bins is not None and (self.bins < 1 or self.bins**self.pca_dims > MAX_CELLS)):
-            raise ValueError(f"need pca_dims >= 1, bins >= 1 and bins ** pca_dims <= {MAX_CELLS}")
-        if not self.jsd_base > 1:
-            raise ValueError(f"jsd_base must be > 1, got {self.jsd_base}")
-        if not 0 <= self.clip_quantile < 0.5:
-            raise ValueError(f"clip_quantile must be in [0, 0.5), got {self.clip_quantile}")
-        if self.scatter_layers is not None:
-            object.__setattr__(self, "scatter_layers", tuple(int(i) for i in self.scatter_layers))
-        if self.tsne:
-            tsne_class()  # the missing extra is reported before any work
-
-    def scatter_for(self, layers: Sequence[int]) -> set[int]:
-        """The layers that get scatter points: ``scatter_layers``, default the first, middle and last."""
-        if self.scatter_layers is not None:
-            return set(self.scatter_layers)
-        return {layers[0], layers[len(layers) // 2], layers[-1]}
-
-    def settings(self) -> dict[str, Any]:
-        """How the numbers were computed, for ``KeySpaceResult.settings``."""
-        return {
-            "kernel": "rbf: exp(-||a-b||^2 / (2 h^2))",
-            "bandwidth": "median heuristic (pooled vision+text, per layer)"
-            if self.bandwidth is None
-            else float(self.bandwidth),
-            "estimator": "unbiased U-statistic" if self.unbiased else "biased V-statistic",
-            "max_samples": self.max_samples,
-            "intra_modal_baseline": "random halves of each modality, cross-modal bandwidth",
-            "jsd": f"joint histogram of a shared equal-weight PCA projection, log base {self.jsd_base:g}",
-            "pca_dims": self.pca_dims,
-            "bins": "auto: about 10 points per cell of a half of the smaller modality"
-            if self.bins is None
-            else self.bins,
-            "clip_quantile": self.clip_quantile,
-            "jsd_base": self.jsd_base,
-            "scatter_points": self.scatter_points,
-            "tsne": "2-D t-SNE of the scatter points (scikit-learn, init pca, perplexity min(30, (n-1)/3))"
-            if self.tsne
-            else False,
-            "seed": self.seed,
-        }
-
-
-def layer_gap(
-    v: torch.Tensor, t: torch.Tensor, layer: int, opts: KeySpaceOptions, want_scatter: bool
-) -> dict[str, Any]:
-    """All numbers of one layer from (already capped) float64 vision keys ``v`` and text keys ``t``."""
-    for name, x in (("vision", v), ("text", t)):
-        if x.shape[0] < 4:
-            raise ValueError(
-                f"layer {layer}: {x.shape[0]} {name} keys; the key-space gap needs at least 4 per modality "
-                "(2 per random half for the intra-modal baseline)"
-            )
-    seed, unbiased, dims = opts.seed, opts.unbiased, opts.pca_dims
-    h = median_bandwidth(v, t) if opts.bandwidth is None else float(opts.bandwidth)
-    gen = torch.Generator().manual_seed(seed + 7919 * layer)
-    v1, v2 = random_halves(v, gen)
-    t1, t2 = random_halves(t, gen)
-    bins = auto_bins(min(v1.shape[0], t1.shape[0]), dims) if opts.bins is None else opts.bins
-    jsd = dict(dims=dims, bins=bins, clip_quantile=opts.clip_quantile, seed=seed)
-    base = opts.jsd_base
-    mmd2_u, mmd2_b = mmd2_both(v, t, h)
-    out = {
-        "mmd2": mmd2_u if unbiased else mmd2_b,
-        "mmd2_unbiased": mmd2_u,
-        "mmd2_biased": mmd2_b,
-        "mmd": math.sqrt(max(mmd2_b, 0.0)),
-        "mmd2_vision_halves": mmd2(v1, v2, h, unbiased),
-        "mmd2_text_halves": mmd2(t1, t2, h, unbiased),
-        "jsd": jsd_histograms(*pca_histograms(v, t, **jsd)[:2], base=base),
-        "jsd_vision_halves": jsd_histograms(*pca_histograms(v1, v2, **jsd)[:2], base=base),
-        "jsd_text_halves": jsd_histograms(*pca_histograms(t1, t2, **jsd)[:2], base=base),
-        "bandwidth": h,
-        "jsd_bins": bins,
-    }
-    if want_scatter:
-        mean, comps, var = pca_basis(v, t, min(2, v.shape[1]), seed=seed)
-        n = opts.scatter_points
-        pick = {
-            name: x[torch.randperm(x.shape[0], generator=gen)[:n].sort().values.to(x.device)]
-            for name, x in (("vision", v), ("text", t))
-        }
-        out["scatter"] = {
-            name: [[float(c) for c in row] for row in ((x - mean) @ comps.T).cpu().tolist()] for name, x in pick.items()
-        } | {"variance": [float(s) for s in var]}
-        if opts.tsne:  # one embedding of both modalities, so their points share the map
-            points = tsne_2d(torch.cat([pick["vision"], pick["text"]]), seed=seed).tolist()
-            nv = pick["vision"].shape[0]
-            out["scatter"]["tsne"] = {"vision": points[:nv], "text": points[nv:]}
-    return out
 
 
 def _result(

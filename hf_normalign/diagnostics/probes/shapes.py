@@ -10,15 +10,16 @@ Example:
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .probe import DEFAULT_KINDS, Probe, ProbeSample, default_passages
+from .probe import DEFAULT_KINDS, Probe, ProbeSample, default_passages, sample_indices
 
-__all__ = ["SHAPE_CLASSES", "LabelledProbe", "labels_from_names", "shapes_probe"]
+__all__ = ["SHAPE_CLASSES", "LabelledProbe", "LabelledSamples", "labels_from_names", "resolve_labelled", "shapes_probe"]
 
 SHAPE_CLASSES: tuple[str, ...] = ("rectangle", "ellipse", "triangle")
 
@@ -137,3 +138,45 @@ def labels_from_names(probe: Any) -> tuple[list[int], list[str]] | None:
     if not names or not all(k and k.group(1) in DEFAULT_KINDS for k in kinds):
         return None
     return [DEFAULT_KINDS.index(k.group(1)) for k in kinds], list(DEFAULT_KINDS)
+
+
+@dataclass
+class LabelledSamples:
+    """The pairs to encode and their labels, aligned (after the seeded subset), and the probe's name."""
+
+    samples: list[Any]
+    image_labels: list[int] | None
+    class_names: list[str] | None
+    label_maps: list[Any] | None
+    name: str
+
+
+def resolve_labelled(
+    probe: Any, image_labels: Sequence[int] | None, label_maps: Sequence[Any] | None, num_samples: int | None, seed: int
+) -> LabelledSamples:
+    """Samples and labels from the probe arguments (explicit labels win over the probe's own)."""
+    class_names = None
+    if probe is None:
+        probe = shapes_probe(num_samples or 60, seed)
+    if isinstance(probe, LabelledProbe):
+        samples, name = list(probe.probe), probe.probe.name
+        image_labels = probe.image_labels if image_labels is None else image_labels
+        label_maps = probe.label_maps if label_maps is None else label_maps
+        class_names = probe.class_names
+    else:
+        samples = list(probe.samples if isinstance(probe, Probe) else probe)
+        name = getattr(probe, "name", None) or f"{len(samples)} pairs"
+        named = labels_from_names(samples) if image_labels is None else None
+        if named is not None:
+            image_labels, class_names = named
+    for what, values in (("image_labels", image_labels), ("label_maps", label_maps)):
+        if values is not None and len(values) != len(samples):
+            raise ValueError(f"{what} has {len(values)} entries for {len(samples)} probe pairs")
+    keep = sample_indices(len(samples), num_samples, seed)
+    return LabelledSamples(
+        [samples[i] for i in keep],
+        None if image_labels is None else [image_labels[i] for i in keep],
+        class_names,
+        None if label_maps is None else [label_maps[i] for i in keep],
+        name if len(keep) == len(samples) else f"{name}, {len(keep)} of {len(samples)} (seed {seed})",
+    )
