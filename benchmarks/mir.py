@@ -40,10 +40,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mir_math import naive_fid, random_features, random_spd, scipy_trace_sqrt, timed
 
-from hf_normalign.diagnostics.capture import capture, encode_probe, vision_token_ids
-from hf_normalign.diagnostics.frechet import frechet_distance, trace_sqrt_product
-from hf_normalign.diagnostics.mir import mir
-from hf_normalign.diagnostics.probe import default_probe
+from hf_normalign.diagnostics.engine import capture
+from hf_normalign.diagnostics.maths.frechet import frechet_distance, trace_sqrt_product
+from hf_normalign.diagnostics.metrics.mir import mir
+from hf_normalign.diagnostics.model_facts import vision_token_ids
+from hf_normalign.diagnostics.probes import default_probe, encode_probe
 from hf_normalign.testing import tiny_model, tiny_processor
 
 
@@ -126,7 +127,11 @@ def bench_capture(hidden: int, layers: int, samples: int, batch_size: int, devic
 
     def batched() -> int:
         rows = 0
-        for b in capture(model, proc, encoded, batch_size=batch_size, output_device="cpu", progress=False):
+        # as run_probe runs it: batches of similar length (less padding)
+        batches = capture(
+            model, proc, encoded, batch_size=batch_size, output_device="cpu", progress=False, bucket_by_length=True
+        )
+        for b in batches:
             rows += sum(b.vision[k].shape[0] + b.text[k].shape[0] for k in b.layers)
         return rows
 

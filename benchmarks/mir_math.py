@@ -28,7 +28,7 @@ import scipy
 import scipy.linalg
 import torch
 
-from hf_normalign.diagnostics.frechet import frechet_distance, trace_sqrt_product
+from hf_normalign.diagnostics.maths.frechet import frechet_distance, trace_sqrt_product
 
 
 def timed(fn: Callable[[], float], repeat: int) -> tuple[float, float, float]:

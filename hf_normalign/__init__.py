@@ -21,7 +21,7 @@ __version__ = "0.1.0"
 # Public names -> the module defining them, imported on first use: `import hf_normalign` (and so the CLI's
 # --help) imports neither torch nor transformers.
 _EXPORTS = {
-    "MIRCallback": "callbacks",
+    "MIRCallback": "callbacks.mir",
     "build_vlm": "build",
     **dict.fromkeys(("MoCaConfig", "NormAlignConfig", "PReConfig", "ProjectorNormConfig"), "config"),
     "push_to_hub": "hub",
@@ -41,8 +41,9 @@ _EXPORTS = {
         "persistence",
     ),
     **dict.fromkeys(("bnb_config", "prepare_for_kbit_training", "quantization_skip_modules"), "quantization"),
-    **dict.fromkeys(("ArchitectureSpec", "register_architecture", "supported_architectures"), "registry"),
-    "NormAlignCallback": "trainer",
+    **dict.fromkeys(("register_architecture", "supported_architectures"), "registry"),
+    "ArchitectureSpec": "spec",
+    "NormAlignCallback": "callbacks.pre",
 }
 _SUBMODULES = ("diagnostics", "persistence", "testing")
 

@@ -2,7 +2,8 @@
 
 Runs as soon as transformers is imported (a post-import hook registered by ``import hf_normalign``), which
 can be in the middle of importing another hf-normalign module: so this module imports no other one, and each
-wrapper imports ``hf_normalign.persistence``, where the wrappers' logic lives, only when it is first called.
+wrapper imports ``hf_normalign.persistence.integration``, where the wrappers' logic lives, only when it is first
+called.
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ import wrapt
 
 # Auto classes that map the supported VLMs; their `from_pretrained` is a per-class copy, so each is wrapped.
 AUTO_CLASSES = ("AutoModelForImageTextToText", "AutoModelForMultimodalLM")
+INTEGRATION = "hf_normalign.persistence.integration"
 
 
 def _forward(name: str) -> Callable[..., Any]:
-    """A wrapt wrapper that calls ``hf_normalign.persistence.<name>``."""
+    """A wrapt wrapper that calls ``hf_normalign.persistence.integration.<name>``."""
 
     def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
-        return getattr(importlib.import_module("hf_normalign.persistence"), name)(wrapped, instance, args, kwargs)
+        return getattr(importlib.import_module(INTEGRATION), name)(wrapped, instance, args, kwargs)
 
     wrapper._hf_normalign = True  # type: ignore[attr-defined]
     return wrapper
@@ -36,8 +38,8 @@ def _wrap_once(owner: type, name: str, wrapper_name: str) -> None:
 
 
 def _install_trainer(module: Any) -> None:
-    _wrap_once(module.Trainer, "_load_from_checkpoint", "_resume_wrapper")
-    _wrap_once(module.Trainer, "_load_best_model", "_best_model_wrapper")
+    _wrap_once(module.Trainer, "_load_from_checkpoint", "resume_wrapper")
+    _wrap_once(module.Trainer, "_load_best_model", "best_model_wrapper")
 
 
 def install() -> None:
@@ -54,11 +56,11 @@ def install() -> None:
     import transformers
     from transformers import PreTrainedModel
 
-    _wrap_once(PreTrainedModel, "save_pretrained", "_save_wrapper")
-    _wrap_once(PreTrainedModel, "from_pretrained", "_from_pretrained_wrapper")
-    _wrap_once(PreTrainedModel, "push_to_hub", "_push_wrapper")
+    _wrap_once(PreTrainedModel, "save_pretrained", "save_wrapper")
+    _wrap_once(PreTrainedModel, "from_pretrained", "from_pretrained_wrapper")
+    _wrap_once(PreTrainedModel, "push_to_hub", "push_wrapper")
     for name in AUTO_CLASSES:
         auto_class = getattr(transformers, name, None)
         if auto_class is not None:
-            _wrap_once(auto_class, "from_pretrained", "_from_pretrained_wrapper")
+            _wrap_once(auto_class, "from_pretrained", "from_pretrained_wrapper")
     wrapt.register_post_import_hook(_install_trainer, "transformers.trainer")  # imported lazily: costly

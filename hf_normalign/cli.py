@@ -255,19 +255,19 @@ COMMANDS: dict[str, Command] = {
         "patch a model and save the aligned checkpoint",
         "Load MODEL (a directory or Hub repo id), patch it and save an aligned checkpoint to --out.",
         _patch_arguments,
-        "hf_normalign.persistence:_run_patch",
+        "hf_normalign.persistence.command:run",
     ),
     "push": Command(
         "upload an aligned checkpoint or adapter to the Hub",
         "Upload the aligned checkpoint or adapter in DIR to REPO_ID, in one commit with a model card.",
         _push_arguments,
-        "hf_normalign.hub:_run_push",
+        "hf_normalign.hub:run_push",
     ),
     "mir": Command(
         "Modality Integration Rate of a model",
         "MIR of a VLM (local path or Hub id): per-layer FID table, the MIR, optional JSON.",
         _mir_arguments,
-        "hf_normalign.diagnostics.mir:_main",
+        "hf_normalign.diagnostics.metrics.mir:_main",
     ),
     "report": Command(
         "HTML report of the modality-gap diagnostics",

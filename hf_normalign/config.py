@@ -80,6 +80,9 @@ class ProjectorNormConfig:
         ProjectorNormConfig(gwc=False, target_norm=1.0, gwc_floor=0.001, eps=1e-05, deepstack=True)
     """
 
+    TITLE: ClassVar[str] = "Projector LayerNorm + GWC (arXiv 2512.08374)"
+    NONE_MEANS: ClassVar[dict[str, str]] = {"target_norm": "measured: mean text-embedding norm"}
+
     gwc: bool = True
     target_norm: float | None = None
     gwc_floor: float = 1e-3
@@ -110,6 +113,9 @@ class MoCaConfig:
         init_std: 0 gives the identity (u = 1, v = 0); otherwise u ~ N(1, s), v ~ N(0, s).
         layers: decoder layer indices to calibrate; ``None`` means every layer.
     """
+
+    TITLE: ClassVar[str] = "MoCa, modality calibration (arXiv 2410.07167)"
+    NONE_MEANS: ClassVar[dict[str, str]] = {"layers": "all decoder layers"}
 
     init_std: float = 0.0
     layers: list[int] | None = None
@@ -154,6 +160,12 @@ class PReConfig:
             and its LayerNorm) or ``"encoder_output"`` (the projector input; ablation).
     """
 
+    TITLE: ClassVar[str] = "PRe, predictive regularization (arXiv 2603.20808)"
+    NONE_MEANS: ClassVar[dict[str, str]] = {
+        "layer": "middle layer (num_layers // 2)",
+        "head_hidden_size": "LLM hidden size",
+    }
+
     ANCHORS: ClassVar[tuple[str, ...]] = ("llm_input", "encoder_output")
     LAYER_NUMBERING: ClassVar[str] = "0-based decoder-layer index; its output is hidden_states[layer + 1]"
 
@@ -193,7 +205,8 @@ class PReConfig:
         return _from_dict(cls, {k: v for k, v in data.items() if k != "layer_numbering"})
 
 
-_METHOD_CONFIGS: dict[str, type] = {
+# Method name -> its config class; each class carries TITLE and NONE_MEANS (read by the Hub model card).
+METHOD_CONFIGS: dict[str, type] = {
     "projector_norm": ProjectorNormConfig,
     "moca": MoCaConfig,
     "pre": PReConfig,
@@ -217,7 +230,7 @@ class NormAlignConfig:
     pre: PReConfig | bool | None = None
 
     def __post_init__(self) -> None:
-        for name, cls in _METHOD_CONFIGS.items():
+        for name, cls in METHOD_CONFIGS.items():
             value = getattr(self, name)
             if value is True:
                 value = cls()

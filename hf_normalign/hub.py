@@ -22,8 +22,9 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from torch import nn
 from transformers.utils import logging
 
-from .config import METHODS
-from .persistence import CONFIG_NAME, WEIGHTS_NAME, CheckpointInfo, NormAlignCheckpointError, save_pretrained
+from .config import METHOD_CONFIGS, METHODS
+from .persistence.format import CONFIG_NAME, WEIGHTS_NAME, CheckpointInfo, NormAlignCheckpointError
+from .persistence.save import save_pretrained
 
 logger = logging.get_logger(__name__)
 
@@ -31,19 +32,6 @@ CARD_NAME = "README.md"
 # Never uploaded: hf-normalign neither writes nor reads pickle, and a Trainer output folder holds some
 # (training_args.bin, optimizer.pt, rng_state.pth).
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-
-# What a setting left at None means, for the card.
-_NONE_MEANS = {
-    "target_norm": "measured: mean text-embedding norm",
-    "layers": "all decoder layers",
-    "layer": "middle layer (num_layers // 2)",
-    "head_hidden_size": "LLM hidden size",
-}
-_METHOD_TITLES = {
-    "projector_norm": "Projector LayerNorm + GWC (arXiv 2512.08374)",
-    "moca": "MoCa, modality calibration (arXiv 2410.07167)",
-    "pre": "PRe, predictive regularization (arXiv 2603.20808)",
-}
 
 
 def _hub_id(name: str | None) -> str | None:
@@ -97,12 +85,13 @@ def model_card(info: CheckpointInfo, repo_id: str, *, mir: Any = None, tags: Seq
     lines += [f"> **Warning:** {warning}", "", "## Interventions", ""]
     lines += ["| Method | Setting | Value |", "| --- | --- | --- |"]
     for method in info.config.methods:
-        for key, value in getattr(info.config, method).to_dict().items():
-            shown = _NONE_MEANS.get(key, "default") if value is None else f"`{json.dumps(value)}`"
-            lines.append(f"| {_METHOD_TITLES[method]} | `{key}` | {shown} |")
+        settings = getattr(info.config, method)
+        for key, value in settings.to_dict().items():
+            shown = settings.NONE_MEANS.get(key, "default") if value is None else f"`{json.dumps(value)}`"
+            lines.append(f"| {settings.TITLE} | `{key}` | {shown} |")
     off = [m for m in METHODS if m not in info.config.methods]
     if off:
-        lines += ["", f"Not applied: {', '.join(_METHOD_TITLES[m] for m in off)}."]
+        lines += ["", f"Not applied: {', '.join(METHOD_CONFIGS[m].TITLE for m in off)}."]
 
     mir_value = _mir_value(mir)
     samples = getattr(mir, "num_samples", None)
@@ -254,7 +243,7 @@ def push_to_hub(
 # --- command line: `normalign push` --------------------------------------------------------------------------
 
 
-def _run_push(args: argparse.Namespace) -> int:
+def run_push(args: argparse.Namespace) -> int:
     """``normalign push`` (options in hf_normalign.cli)."""
     commit = push_to_hub(
         args.directory,

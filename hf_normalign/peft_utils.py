@@ -29,14 +29,15 @@ from __future__ import annotations
 
 from torch import nn
 
-from .patching import ATTRIBUTE, _base_model, get_plugin
+from .modeling import get_base_model
+from .patching import ATTRIBUTE, get_plugin
 
 
 def _require_plugin(model: nn.Module) -> nn.Module:
     plugin = get_plugin(model)
     if plugin is not None:
         return plugin
-    if hasattr(_base_model(model), ATTRIBUTE):
+    if hasattr(get_base_model(model), ATTRIBUTE):
         raise ValueError(
             f"model.{ATTRIBUTE} has been replaced (PEFT `modules_to_save=[{ATTRIBUTE!r}]` wraps it in a copy "
             "the hooks never call, so the plugin would not train). Leave it out of `modules_to_save` and call "

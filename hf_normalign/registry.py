@@ -1,124 +1,17 @@
-"""Where things live in each VLM family: a declarative spec per `config.model_type`.
+"""The registry of VLM families: one `ArchitectureSpec` per `config.model_type`, and the lookups.
 
-The specs themselves are in `hf_normalign.patches` (one module per family); this module holds the
-dataclass, the registry and the lookups. Paths are dotted attribute paths from the
-`...ForConditionalGeneration` instance and are resolved at call time, so wrappers that swap a
-module (PEFT's `modules_to_save`) are followed.
+The spec dataclass is in `hf_normalign.spec`, the built-in specs in `hf_normalign.patches` (one module per
+family), registered here on the first lookup.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
+from .spec import ArchitectureSpec
+
 _REGISTRY: dict[str, ArchitectureSpec] = {}
-
-
-@dataclass(frozen=True)
-class ArchitectureSpec:
-    """Where the projector, LLM and vision tower of one VLM family are.
-
-    Args:
-        model_type: the `config.model_type` this spec serves.
-        projector: path of the module whose output is the vision tokens entering the LLM.
-        language_model: path of the decoder stack; it holds `layers_attr` and `embed_attr`.
-        vision_tower: path of the vision encoder (frozen in stage 1, skipped by quantisation).
-        input_module: path of the module that first receives `input_ids` and builds
-            `inputs_embeds` (the vision positions are read there).
-        image_token_attr / video_token_attr: config attributes holding the placeholder token ids.
-        extra_projectors: paths of further projectors whose outputs also reach the vision positions
-            (Qwen3-VL's deepstack mergers, a ModuleList).
-        layers_attr / embed_attr: attribute names of the decoder layers and input embedding on the
-            language model.
-
-    Example:
-        >>> spec = ArchitectureSpec(
-        ...     model_type="my_vlm", projector="model.connector", language_model="model.text_model",
-        ...     vision_tower="model.vision_model")
-        >>> register_architecture(spec)  # doctest: +SKIP
-    """
-
-    model_type: str
-    projector: str
-    language_model: str
-    vision_tower: str
-    input_module: str = "model"
-    image_token_attr: str = "image_token_id"
-    video_token_attr: str | None = None
-    extra_projectors: tuple[str, ...] = ()
-    layers_attr: str = "layers"
-    embed_attr: str = "embed_tokens"
-    lm_head: str = "lm_head"
-
-    def get(self, model: nn.Module, path: str) -> nn.Module:
-        try:
-            return model.get_submodule(path)
-        except AttributeError as err:
-            raise ValueError(
-                f"The {self.model_type!r} spec expects a module at {path!r} but {type(model).__name__} has none. "
-                "Pass the `...ForConditionalGeneration` model, or register a spec that matches it."
-            ) from err
-
-    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
-        return getattr(self.get(model, self.language_model), self.layers_attr)
-
-    def input_embeddings(self, model: nn.Module) -> nn.Module:
-        return getattr(self.get(model, self.language_model), self.embed_attr)
-
-    def vision_token_ids(self, config) -> list[int]:
-        ids = [getattr(config, self.image_token_attr, None)]
-        if self.video_token_attr is not None:
-            ids.append(getattr(config, self.video_token_attr, None))
-        ids = [int(i) for i in ids if i is not None]
-        if not ids:
-            raise ValueError(
-                f"config.{self.image_token_attr} is not set on this {self.model_type!r} config, so vision "
-                "positions cannot be found. Set it to the image placeholder token id."
-            )
-        return ids
-
-    def hidden_size(self, config) -> int:
-        return int(config.get_text_config().hidden_size)
-
-    def validate(self, model: nn.Module) -> None:
-        """Check that every path and config attribute of this spec resolves on `model`.
-
-        Run at patch time (and on every built-in family by the tests), so a transformers release that moves a
-        module fails with one error naming the family, each missing attribute and the transformers version,
-        instead of deep inside a hook.
-        """
-        missing = []
-        paths = [self.projector, self.language_model, self.vision_tower, self.input_module, self.lm_head]
-        for path in [*paths, *self.extra_projectors]:
-            try:
-                model.get_submodule(path)
-            except AttributeError:
-                missing.append(f"module {path!r}")
-        language_model = (
-            model.get_submodule(self.language_model) if f"module {self.language_model!r}" not in missing else None
-        )
-        if language_model is not None:
-            for attr in (self.layers_attr, self.embed_attr):
-                if not hasattr(language_model, attr):
-                    missing.append(f"module {self.language_model}.{attr!r}")
-        config = model.config
-        for attr in (self.image_token_attr, self.video_token_attr):
-            if attr is not None and not hasattr(config, attr):  # renamed; None is `vision_token_ids`' to report
-                missing.append(f"config attribute {attr!r}")
-        if getattr(config.get_text_config(), "hidden_size", None) is None:
-            missing.append("config attribute 'text_config.hidden_size'")
-        if missing:
-            import transformers
-
-            raise ValueError(
-                f"The hf-normalign spec for {self.model_type!r} does not match {type(model).__name__} under "
-                f"transformers {transformers.__version__}: missing {', '.join(missing)}. This transformers "
-                "release is outside the range hf-normalign supports (see README), or the model is not the "
-                "`...ForConditionalGeneration` class; register a matching spec with "
-                "`hf_normalign.register_architecture(spec, overwrite=True)`."
-            )
 
 
 def register_architecture(spec: ArchitectureSpec, *, overwrite: bool = False) -> ArchitectureSpec:
@@ -136,13 +29,13 @@ def register_architecture(spec: ArchitectureSpec, *, overwrite: bool = False) ->
 
 def supported_architectures() -> list[str]:
     """The `config.model_type` values hf-normalign can patch, sorted."""
-    _load_builtin_patches()
+    _load_builtin_specs()
     return sorted(_REGISTRY)
 
 
 def get_spec(model_or_config) -> ArchitectureSpec:
     """The spec for a model or config; a clear error for anything unsupported."""
-    _load_builtin_patches()
+    _load_builtin_specs()
     config = getattr(model_or_config, "config", model_or_config)
     model_type = getattr(config, "model_type", None)
     if model_type in _REGISTRY:
@@ -184,8 +77,11 @@ def embedding_scale(model: nn.Module, spec: ArchitectureSpec, *, eps: float = 1e
 _builtin_loaded = False
 
 
-def _load_builtin_patches() -> None:
+def _load_builtin_specs() -> None:
     global _builtin_loaded
     if not _builtin_loaded:
         _builtin_loaded = True
-        import hf_normalign.patches  # noqa: F401  (registers the built-in families)
+        from hf_normalign.patches import SPECS
+
+        for spec in SPECS:
+            register_architecture(spec)

@@ -1,35 +1,18 @@
-"""Built-in architecture specs, one module per VLM family; importing this package registers them.
+"""Built-in architecture specs (not patches: the package keeps its historical name), one module per VLM family.
 
-To add a family, copy the closest module, point the paths at the new model's modules, and import it
-here (or call `hf_normalign.register_architecture` from your own code).
+Each public module holds `SPEC`, the `ArchitectureSpec` of its family; `hf_normalign.registry` registers
+`SPECS` on its first lookup. To add a family, copy the closest module and point the paths at the new model's
+modules: every module here (except `_`-prefixed helpers) is found. From your own code, call
+`hf_normalign.register_architecture` instead.
 """
 
-from . import (
-    gemma3,
-    idefics3,
-    internvl,
-    llava,
-    llava_next,
-    llava_onevision,
-    mistral3,
-    paligemma,
-    qwen2_5_vl,
-    qwen2_vl,
-    qwen3_vl,
-    smolvlm,
+import importlib
+import pkgutil
+
+SPECS = tuple(
+    importlib.import_module(f".{module.name}", __name__).SPEC
+    for module in pkgutil.iter_modules(__path__)
+    if not module.name.startswith("_")
 )
 
-__all__ = [
-    "gemma3",
-    "idefics3",
-    "internvl",
-    "llava",
-    "llava_next",
-    "llava_onevision",
-    "mistral3",
-    "paligemma",
-    "qwen2_5_vl",
-    "qwen2_vl",
-    "qwen3_vl",
-    "smolvlm",
-]
+__all__ = ["SPECS"]

@@ -1,7 +1,16 @@
 """Idefics3."""
 
-from hf_normalign.registry import ArchitectureSpec, register_architecture
+from hf_normalign.spec import ArchitectureSpec, TinyRecipe
 
 from ._layouts import IDEFICS_STYLE
+from ._tiny import IDEFICS_CONFIG, IDEFICS_RECIPE
 
-SPEC = register_architecture(ArchitectureSpec(model_type="idefics3", **IDEFICS_STYLE))
+SPEC = ArchitectureSpec(
+    model_type="idefics3",
+    **IDEFICS_STYLE,
+    tiny=TinyRecipe(
+        config=IDEFICS_CONFIG,
+        **IDEFICS_RECIPE,
+        processor_classes=("Idefics3Processor", "Idefics3ImageProcessorPil"),
+    ),
+)

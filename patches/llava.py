@@ -1,7 +1,20 @@
 """LLaVA / LLaVA-1.5 (`LlavaForConditionalGeneration`)."""
 
-from hf_normalign.registry import ArchitectureSpec, register_architecture
+from hf_normalign.spec import ArchitectureSpec, TinyRecipe
 
 from ._layouts import LLAVA_STYLE
+from ._tiny import IMAGE_RECIPE, LLAVA_CONFIG
 
-SPEC = register_architecture(ArchitectureSpec(model_type="llava", **LLAVA_STYLE))
+SPEC = ArchitectureSpec(
+    model_type="llava",
+    **LLAVA_STYLE,
+    tiny=TinyRecipe(
+        config=LLAVA_CONFIG,
+        **IMAGE_RECIPE,
+        image_tokens="vit",
+        pixels="flat",
+        processor="llava",
+        vision_cls=True,
+        processor_classes=("LlavaProcessor", "CLIPImageProcessorPil"),
+    ),
+)

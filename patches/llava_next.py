@@ -1,7 +1,21 @@
 """LLaVA-NeXT: the `image_newline` tokens after the projector output count as vision positions."""
 
-from hf_normalign.registry import ArchitectureSpec, register_architecture
+from hf_normalign.spec import ArchitectureSpec, TinyRecipe
 
 from ._layouts import LLAVA_STYLE
+from ._tiny import IMAGE_RECIPE, LLAVA_CONFIG, PINPOINTS
 
-SPEC = register_architecture(ArchitectureSpec(model_type="llava_next", **LLAVA_STYLE))
+SPEC = ArchitectureSpec(
+    model_type="llava_next",
+    **LLAVA_STYLE,
+    vision_grid="overview_tile",
+    tiny=TinyRecipe(
+        config={**LLAVA_CONFIG, "image_grid_pinpoints": PINPOINTS},
+        **IMAGE_RECIPE,
+        image_tokens="anyres",
+        pixels="anyres",
+        processor="llava",
+        vision_cls=True,
+        processor_classes=("LlavaNextProcessor", "LlavaNextImageProcessorPil"),
+    ),
+)

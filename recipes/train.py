@@ -81,7 +81,10 @@ class ModelArguments:
     processor_name_or_path: str | None = field(default=None, metadata={"help": "default: model_name_or_path"})
     methods: str | None = field(
         default=None,
-        metadata={"help": f"comma-separated methods ({','.join(METHODS)}); not needed for an aligned checkpoint"},
+        metadata={
+            "help": f"comma-separated methods ({','.join(METHODS)}), or 'none' for the papers' baseline (the same "
+            "recipe without any intervention); not needed for an aligned checkpoint"
+        },
     )
     normalign_config: str | None = field(
         default=None,
@@ -135,10 +138,11 @@ class RecipeConfig:
     data: DataArguments
     recipe: RecipeArguments
     training: TrainingArguments
-    normalign_config: NormAlignConfig | None  # None: taken from the aligned checkpoint being loaded
+    normalign_config: NormAlignConfig | None  # None: taken from the aligned checkpoint, or the baseline
     model_source: str  # what the weights are loaded from: the model, or the checkpoint a full run resumes from
     resume_from_checkpoint: str | None = None
     push_to_hub: str | None = None
+    baseline: bool = False  # --methods none: the recipe without hf-normalign, for the papers' comparison
 
 
 # --- arguments ---------------------------------------------------------------------------------------------------
@@ -273,9 +277,20 @@ def _validate(
             validate_repo_id(hub)
         except HFValidationError as err:
             raise ConfigError(f"--push-to-hub: {err}") from err
-    config = _normalign_config(model_args)
+    baseline = _is_baseline(model_args)
+    config = None if baseline else _normalign_config(model_args)
     checkpoint_config = _checkpoint_config(model_args.model_name_or_path)
-    if config is None and checkpoint_config is None:
+    if baseline and hub is not None:
+        raise ConfigError(
+            "--push-to-hub uploads aligned checkpoints with an hf-normalign model card; push a --methods none "
+            "baseline with transformers' `model.push_to_hub`"
+        )
+    if baseline and checkpoint_config is not None:
+        raise ConfigError(
+            f"--methods none asks for the baseline, but {model_args.model_name_or_path} is an aligned checkpoint "
+            f"({checkpoint_config}): start the baseline from the plain base model"
+        )
+    if config is None and checkpoint_config is None and not baseline:
         raise ConfigError(
             f"{model_args.model_name_or_path} is not an aligned checkpoint: pass --methods "
             f"({','.join(METHODS)}) or --normalign_config"
@@ -288,7 +303,7 @@ def _validate(
     resume = _resume_checkpoint(training_args)
     _check_output_dir(output_dir, resume, recipe_args.overwrite_output_dir)
     if resume is not None:
-        _check_resume_matches(resume, checkpoint_config or config)
+        _check_resume_matches(resume, checkpoint_config or config, baseline)
     peft = model_args.lora or model_args.qlora
     return RecipeConfig(
         stage=stage,
@@ -301,6 +316,7 @@ def _validate(
         model_source=resume if resume and not peft else model_args.model_name_or_path,
         resume_from_checkpoint=resume,
         push_to_hub=hub,
+        baseline=baseline,
     )
 
 
@@ -327,9 +343,13 @@ def _check_output_dir(output_dir: str, resume: str | None, overwrite: bool) -> N
     )
 
 
-def _check_resume_matches(checkpoint: str, config: NormAlignConfig | None) -> None:
-    """The checkpoint must come from a run with the same hf-normalign settings."""
+def _check_resume_matches(checkpoint: str, config: NormAlignConfig | None, baseline: bool = False) -> None:
+    """The checkpoint must come from a run with the same hf-normalign settings (none, for the baseline)."""
     path = os.path.join(checkpoint, CONFIG_NAME)
+    if baseline:
+        if os.path.isfile(path):
+            raise ConfigError(f"resume_from_checkpoint {checkpoint} is an hf-normalign run, not a --methods none one")
+        return
     if not os.path.isfile(path):
         raise ConfigError(f"resume_from_checkpoint {checkpoint} holds no {CONFIG_NAME}: it is not an hf-normalign run")
     try:
@@ -358,6 +378,13 @@ def _check_data_paths(data_args: DataArguments) -> None:
         raise ConfigError(f"data_path {path} does not exist")
     if data_args.image_folder is not None and not os.path.isdir(data_args.image_folder):
         raise ConfigError(f"image_folder {data_args.image_folder} is not a directory")
+
+
+def _is_baseline(model_args: ModelArguments) -> bool:
+    baseline = (model_args.methods or "").strip().lower() == "none"
+    if baseline and model_args.normalign_config:
+        raise ConfigError("--methods none (the baseline) and --normalign_config contradict each other")
+    return baseline
 
 
 def _normalign_config(model_args: ModelArguments) -> NormAlignConfig | None:
@@ -493,7 +520,8 @@ def setup_stage(model: torch.nn.Module, config: RecipeConfig) -> torch.nn.Module
         if config.training.gradient_checkpointing and not config.model.qlora:
             model.enable_input_require_grads()  # frozen embeddings: checkpointed layers need an input with grad
         model = get_peft_model(model, LoraConfig(**_lora_kwargs(model, config.model)))
-        mark_plugin_trainable(model)
+        if not config.baseline:
+            mark_plugin_trainable(model)
     base = model.get_base_model() if peft else model
     if not peft:
         base.requires_grad_(config.stage == 2)
@@ -501,7 +529,8 @@ def setup_stage(model: torch.nn.Module, config: RecipeConfig) -> torch.nn.Module
     # After the vision tower: Qwen-VL's projector (model.visual.merger) lives inside it.
     for path in projector_paths(base):
         base.get_submodule(path).requires_grad_(True)
-    get_plugin(base).requires_grad_(True)
+    if not config.baseline:
+        get_plugin(base).requires_grad_(True)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     what = "projector and plugin" if config.stage == 1 else "LoRA, projector and plugin" if peft else "all but vision"
@@ -593,7 +622,7 @@ def run(config: RecipeConfig) -> Trainer:
             trainer.processing_class.save_pretrained(output_dir)
     else:
         trainer.save_model(output_dir)
-        if config.model.qlora and trainer.args.should_save:
+        if config.model.qlora and not config.baseline and trainer.args.should_save:
             _save_plugin_adapter(trainer.model, output_dir, config.model.model_name_or_path)
     if config.push_to_hub and trainer.args.should_save:
         # The latest MIR measured by MIRCallback (its `results`), for the model card.

@@ -11,11 +11,12 @@ import shutil
 
 import pytest
 import safetensors.torch
+import torch
 from transformers import AutoModelForImageTextToText
 
 import hf_normalign as normalign
-from hf_normalign import persistence
 from hf_normalign.config import MoCaConfig, NormAlignConfig, PReConfig, ProjectorNormConfig
+from hf_normalign.persistence.format import file_sha256
 from hf_normalign.testing import tiny_model
 
 CheckpointError = normalign.NormAlignCheckpointError
@@ -68,7 +69,7 @@ def _non_finite(saved, tmp_path):
     tensors = safetensors.torch.load_file(ckpt / "normalign.safetensors")
     tensors["moca.layer_0_norm.scale"][0] = math.nan
     safetensors.torch.save_file(tensors, ckpt / "normalign.safetensors")
-    digest = persistence._sha256(str(ckpt / "normalign.safetensors"))
+    digest = file_sha256(str(ckpt / "normalign.safetensors"))
     _edit_json(ckpt / "normalign_config.json", lambda d: d["sha256"].update({"normalign.safetensors": digest}))
     return ckpt
 
@@ -132,7 +133,29 @@ def _call(fn):
     return lambda saved, tmp_path: fn()
 
 
+def _non_utf8_texts(saved, tmp_path):
+    from PIL import Image
+
+    from hf_normalign.diagnostics import load_probe
+
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / "images" / "a.png")
+    (tmp_path / "texts.txt").write_bytes("passage é\n".encode("latin-1"))
+    load_probe(tmp_path / "images", tmp_path / "texts.txt", num_samples=1)
+
+
 NEWLY_HANDLED = {
+    "torch.save of a patched model": (
+        lambda saved, tmp_path: torch.save(normalign.patch(tiny_model("llava"), methods="moca"), tmp_path / "m.pt"),
+        TypeError,
+        "save_pretrained",
+    ),
+    "mir num_samples 2.5": (
+        _call(lambda: __import__("hf_normalign").diagnostics.mir(tiny_model("llava"), None, num_samples=2.5)),
+        ValueError,
+        "num_samples must be an integer",
+    ),
+    "non-UTF-8 texts file": (_non_utf8_texts, ValueError, "is not UTF-8 text"),
     "empty method list": (_call(lambda: normalign.patch(tiny_model("llava"), methods=[])), ValueError, "empty"),
     "PRe weight NaN": (_call(lambda: PReConfig(weight=float("nan"))), ValueError, "PReConfig.weight must be a finite"),
     "target_norm inf": (

@@ -8,13 +8,9 @@ from conftest import REQUIRED_FAMILIES, processor_or_skip
 from helpers import vision_mask
 from PIL import Image
 
-from hf_normalign.diagnostics.capture import (
-    EncodedSample,
-    capture,
-    encode_probe,
-    resolve_layers,
-)
-from hf_normalign.diagnostics.probe import Probe, default_probe
+from hf_normalign.diagnostics.engine import capture
+from hf_normalign.diagnostics.model_facts import resolve_layers
+from hf_normalign.diagnostics.probes import EncodedSample, Probe, default_probe, encode_probe
 from hf_normalign.registry import get_spec
 from hf_normalign.testing import tiny_batch, tiny_model, tiny_processor
 

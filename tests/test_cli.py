@@ -27,12 +27,11 @@ def test_help_imports_nothing_heavy_and_warns_nothing(argv):
 
 
 def test_mirrored_choices_match_the_library():
-    import importlib
-
-    from hf_normalign.diagnostics import frechet, mir_math, report
-
-    capture = importlib.import_module("hf_normalign.diagnostics.capture")  # the package's `capture`/`mir` are functions
-    mir = importlib.import_module("hf_normalign.diagnostics.mir")
+    from hf_normalign.diagnostics import report
+    from hf_normalign.diagnostics.maths import frechet
+    from hf_normalign.diagnostics.maths import mir as mir_math
+    from hf_normalign.diagnostics.metrics import mir
+    from hf_normalign.diagnostics.probes import encoding as capture
 
     assert cli.OUTLIER_MODES == mir_math.OUTLIER_MODES and cli.OUTLIER_STATS == mir_math.OUTLIER_STATS
     assert cli.TEXT_TOKENS == capture.TEXT_TOKENS and cli.MIR_PRESETS == mir.PRESETS

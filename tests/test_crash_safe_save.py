@@ -1,6 +1,6 @@
 """Issue 12: a save killed (SIGKILL) between any two of its file operations loses nothing.
 
-The save's own file operations are hook points (``persistence._on_file_operation``). A forked child saves a
+The save's own file operations are hook points (``persistence.staging._on_file_operation``). A forked child saves a
 retrained model over a checkpoint folder that also holds a processor, a tokenizer, trainer state and a notes
 file, and kills itself before operation k, for every k. After each kill the folder must load with the old
 logits (killed before the commit) or the new ones (after), hold every user file byte for byte, and the next
@@ -16,6 +16,8 @@ import torch
 
 import hf_normalign as normalign
 from hf_normalign import persistence
+from hf_normalign.persistence import staging
+from hf_normalign.persistence.format import PLUGIN_FILES
 from hf_normalign.testing import tiny_batch, tiny_model, tiny_processor
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the kill test forks")
@@ -51,7 +53,7 @@ def save_in_child(model, target, kill_at: int) -> list[str]:
             os.write(write, f"{operation} {os.path.basename(path)}\n".encode())
             seen += 1
 
-        persistence._on_file_operation = hook
+        staging._on_file_operation = hook
         try:
             model.save_pretrained(target)
             os._exit(0)
@@ -69,7 +71,7 @@ def save_in_child(model, target, kill_at: int) -> list[str]:
 
 
 def user_files(folder) -> dict[str, bytes]:
-    own = {"config.json", "generation_config.json", "model.safetensors"} | set(persistence._OWN_FILES)
+    own = {"config.json", "generation_config.json", "model.safetensors"} | set(PLUGIN_FILES)
     return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder)) if name not in own}
 
 

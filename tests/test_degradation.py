@@ -13,22 +13,31 @@ from helpers import vision_mask
 from PIL import Image
 from test_profile import PROCESSOR_FAMILIES
 
-from hf_normalign.diagnostics import degradation as dg
-from hf_normalign.diagnostics.capture import capture, encode_probe
-from hf_normalign.diagnostics.degradation import (
-    DegradationResult,
-    LabelledProbe,
+from hf_normalign.diagnostics.engine import capture
+from hf_normalign.diagnostics.maths import degradation as dgm
+from hf_normalign.diagnostics.maths.degradation import (
     contrast_ratio,
-    degradation_from_features,
     linear_probe_accuracy,
     mean_abs_offdiag_correlation,
     mean_offdiag_correlation,
     participation_ratio,
     patch_labels_for_grid,
-    shapes_probe,
+)
+from hf_normalign.diagnostics.metrics.degradation import (
+    DegradationResult,
+    degradation_from_features,
     visual_degradation,
 )
-from hf_normalign.diagnostics.probe import Probe, default_probe
+from hf_normalign.diagnostics.metrics.token_grid import token_grid
+from hf_normalign.diagnostics.probes import (
+    SHAPE_CLASSES,
+    LabelledProbe,
+    Probe,
+    default_probe,
+    encode_probe,
+    shapes_probe,
+)
+from hf_normalign.diagnostics.probes.shapes import resolve_labelled
 from hf_normalign.testing import tiny_model, tiny_processor
 
 
@@ -128,7 +137,7 @@ def test_linear_probe_planted_and_shuffled():
 
 def _primal_probe(x, y, folds, seed, ridge):
     """The documented method, solved in the primal with numpy: (X^T X + ridge d I) W = X^T (Y - mean)."""
-    fold = dg._stratified_folds(y, folds, seed)
+    fold = dgm._stratified_folds(y, folds, seed)
     d, correct = x.shape[1], 0
     for f in range(folds):
         tr, te = fold != f, fold == f
@@ -148,7 +157,7 @@ def test_linear_probe_equals_primal_ridge_and_stratifies():
     x[:, 5] = 1.0  # a constant feature
     for folds, ridge in ((3, 1.0), (5, 0.05)):
         assert linear_probe_accuracy(x, y, folds=folds, ridge=ridge, seed=1) == _primal_probe(x, y, folds, 1, ridge)
-    fold = dg._stratified_folds(y, 5, 0)
+    fold = dgm._stratified_folds(y, 5, 0)
     for c in range(3):  # each class spread evenly over the folds
         counts = np.bincount(fold[y == c], minlength=5)
         assert counts.max() - counts.min() <= 1
@@ -177,9 +186,9 @@ def test_shapes_probe_is_deterministic_and_labelled():
         objects = set(np.unique(m)) - {-1}
         assert 2 <= len(objects) <= 4 and objects == set(range(len(objects)))
         assert (m >= 0).mean() > 0.3  # objects cover a good part of the image
-    sub = dg._resolve_labelled(a, None, None, 2, seed=0)  # a seeded subset keeps labels aligned
-    assert len(sub.samples) == 2 and sub.class_names == list(dg.SHAPE_CLASSES)
-    assert all(s.name.endswith(dg.SHAPE_CLASSES[y]) for s, y in zip(sub.samples, sub.image_labels, strict=True))
+    sub = resolve_labelled(a, None, None, 2, seed=0)  # a seeded subset keeps labels aligned
+    assert len(sub.samples) == 2 and sub.class_names == list(SHAPE_CLASSES)
+    assert all(s.name.endswith(SHAPE_CLASSES[y]) for s, y in zip(sub.samples, sub.image_labels, strict=True))
 
 
 @pytest.mark.parametrize("family", PROCESSOR_FAMILIES)
@@ -197,7 +206,7 @@ def test_token_grid_follows_the_image_layout(family):
     probe = Probe.from_pairs([(img, "a red square") for img in images])
     batch = next(iter(capture(model, processor, probe, layers=[0], batch_size=5, progress=False)))
     per_image = [batch.vision[0][batch.vision_sample == i] for i in range(5)]
-    first, rows, cols = dg._token_grid(model, per_image[0].shape[0])
+    first, rows, cols = token_grid(model, per_image[0].shape[0])
     assert rows == cols and rows % 2 == 0
     for (qx, qy), feats in zip(quadrants, per_image[1:], strict=True):
         change = (feats - per_image[0]).norm(dim=1)[first : first + rows * cols].reshape(rows, cols)
@@ -238,7 +247,7 @@ def test_visual_degradation_equals_output_hidden_states():
         assert res.cohesion[layer] == pytest.approx(np.mean(cos_same[layer]), rel=1e-4)
         assert res.coupling[layer] == pytest.approx(np.mean(cos_diff[layer]), rel=1e-4)
         assert res.probe_accuracy[layer] == pytest.approx(linear_probe_accuracy(x, lp.image_labels, folds=3), abs=1e-9)
-    assert res.layers == [0, 1, 2] and res.num_images == 9 and res.class_names == list(dg.SHAPE_CLASSES)
+    assert res.layers == [0, 1, 2] and res.num_images == 9 and res.class_names == list(SHAPE_CLASSES)
     assert res.probe_chance == pytest.approx(1 / 3) and res.num_labelled_tokens > 0
 
 

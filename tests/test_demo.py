@@ -25,9 +25,9 @@ from hf_normalign.demo.data import (
     make_splits,
     pretraining_corpus,
 )
-from hf_normalign.demo.experiment import batch_order, encode
 from hf_normalign.demo.models import NUM_IMAGE_TOKENS, build_model, build_processor, vision_feature_norm
 from hf_normalign.demo.report import format_table, plot_training, spread_sentence
+from hf_normalign.demo.training import batch_order, encode
 from hf_normalign.diagnostics import plots
 
 # Every number a variant must report, finite.

@@ -7,7 +7,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from hf_normalign.diagnostics.frechet import (
+from hf_normalign.diagnostics.maths.frechet import (
     GaussianMoments,
     frechet_distance,
     frechet_from_moments,

@@ -11,20 +11,13 @@ from helpers import vision_mask
 from scipy.spatial.distance import jensenshannon, pdist
 from test_profile import BATCH_FAMILIES, PROCESSOR_FAMILIES, _encoded
 
-import hf_normalign.diagnostics.keyspace as ks
-from hf_normalign.diagnostics.capture import EncodedSample
-from hf_normalign.diagnostics.keyspace import (
-    KeySpaceResult,
-    jsd_histograms,
-    jsd_pca,
-    key_space_from_features,
-    key_space_gap,
-    median_bandwidth,
-    mmd2_rbf,
-    pca_basis,
-    pca_histograms,
-    subsample,
-)
+import hf_normalign.diagnostics.maths.keyspace as ks
+import hf_normalign.diagnostics.metrics.keyspace as ksm
+from hf_normalign.diagnostics.maths.keyspace import jsd_histograms, jsd_pca, pca_basis, pca_histograms
+from hf_normalign.diagnostics.maths.mmd import median_bandwidth, mmd2_rbf, subsample
+from hf_normalign.diagnostics.maths.reservoir import Reservoir
+from hf_normalign.diagnostics.metrics.keyspace import KeySpaceResult, key_space_from_features, key_space_gap
+from hf_normalign.diagnostics.probes import EncodedSample
 from hf_normalign.registry import get_spec
 
 
@@ -150,17 +143,17 @@ def test_gap_exceeds_intra_modal_baseline_on_a_planted_shift():
 
 
 def test_reservoir_keeps_a_seeded_subset_consistent_across_layers():
-    res = ks._Reservoir(5, seed=0)
+    res = Reservoir(5, seed=0)
     for start in range(0, 40, 8):
         rows = torch.arange(start, start + 8, dtype=torch.float64)[:, None]
         res.update({1: rows, 2: -rows})
     assert res.seen == 40 and res.rows[1].shape == (5, 1)
     assert torch.equal(res.rows[2], -res.rows[1])  # the same tokens at every layer
-    again = ks._Reservoir(5, seed=0)
+    again = Reservoir(5, seed=0)
     for start in range(0, 40, 8):
         again.update({1: torch.arange(start, start + 8, dtype=torch.float64)[:, None]})
     assert torch.equal(again.rows[1], res.rows[1])
-    keep_all = ks._Reservoir(None, seed=0)
+    keep_all = Reservoir(None, seed=0)
     keep_all.update({1: torch.ones(3, 1)})
     keep_all.update({1: torch.zeros(2, 1)})
     assert keep_all.rows[1].flatten().tolist() == [1, 1, 1, 0, 0]
@@ -361,7 +354,7 @@ def test_tsne_without_scikit_learn_names_the_extra(monkeypatch):
         key_space_from_features([torch.randn(20, 3)], [torch.randn(20, 3)], tsne=True)
     model, processor, samples = _encoded("llava", 2)
     calls = []
-    monkeypatch.setattr(ks, "encoded_probe", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(ksm, "prepare_probe", lambda *a, **k: calls.append(1))
     with pytest.raises(ImportError, match=r"hf-normalign\[tsne\]"):  # before the probe is even encoded
         key_space_gap(model, processor, samples, tsne=True, progress=False)
     assert calls == []

@@ -16,13 +16,14 @@ from helpers import vision_mask
 from PIL import Image
 
 from hf_normalign.cli import main
-from hf_normalign.diagnostics.capture import EncodedSample, encode_probe
-from hf_normalign.diagnostics.mir import mir
-from hf_normalign.diagnostics.mir_math import MIRResult, mir_from_features
-from hf_normalign.diagnostics.probe import (
+from hf_normalign.diagnostics.maths.mir import MIRResult, mir_from_features
+from hf_normalign.diagnostics.metrics.mir import mir
+from hf_normalign.diagnostics.probes import (
+    EncodedSample,
     Probe,
     default_passages,
     default_probe,
+    encode_probe,
     load_probe,
     probe_from_dataset,
 )
@@ -31,7 +32,7 @@ from hf_normalign.testing import tiny_model, tiny_processor
 
 N = 10
 # The module, not the function of the same name that the diagnostics package exports.
-mir_module = importlib.import_module("hf_normalign.diagnostics.mir")
+mir_module = importlib.import_module("hf_normalign.diagnostics.runner")  # where run_probe calls capture
 
 
 def independent_features(model, proc, n: int, final_norm: bool = True):

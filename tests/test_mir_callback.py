@@ -7,7 +7,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_normalign.callbacks import MIRCallback
-from hf_normalign.diagnostics.mir import mir
+from hf_normalign.diagnostics.metrics.mir import mir
 from hf_normalign.testing import tiny_batch, tiny_model, tiny_processor
 
 

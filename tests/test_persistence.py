@@ -20,6 +20,8 @@ from transformers import AutoModel, AutoModelForImageTextToText, BitsAndBytesCon
 
 import hf_normalign as normalign
 from hf_normalign import cli, persistence
+from hf_normalign.persistence import save as persistence_save
+from hf_normalign.persistence.format import file_sha256
 from hf_normalign.testing import tiny_batch, tiny_model
 
 COMBOS = (("projector_norm",), ("moca",), ("pre",), ("projector_norm", "moca", "pre"))
@@ -209,7 +211,7 @@ def _fail_plugin_write(monkeypatch, tmp_path):
     def fail(*args, **kwargs):
         raise OSError("disk full (injected)")
 
-    monkeypatch.setattr(persistence, "save_file", fail)
+    monkeypatch.setattr(persistence_save, "save_file", fail)
 
 
 def _fail_commit(monkeypatch, tmp_path):
@@ -295,7 +297,7 @@ def _rehash(path) -> None:
     """Record the current weights' SHA-256, as if the edited file came from a save (tests of later checks)."""
     _edit_config(
         path,
-        lambda d: d.update(sha256={"normalign.safetensors": persistence._sha256(str(path / "normalign.safetensors"))}),
+        lambda d: d.update(sha256={"normalign.safetensors": file_sha256(str(path / "normalign.safetensors"))}),
     )
 
 

@@ -10,9 +10,7 @@ from conftest import processor_or_skip
 from helpers import capture_llm_inputs, embedding_norm_reference, vision_mask
 
 import hf_normalign
-from hf_normalign.diagnostics.capture import EncodedSample, encode_probe
-from hf_normalign.diagnostics.probe import default_probe
-from hf_normalign.diagnostics.profile import (
+from hf_normalign.diagnostics.metrics.profile import (
     ModalityProfile,
     ProfileAccumulator,
     adjacent_cosine,
@@ -21,6 +19,7 @@ from hf_normalign.diagnostics.profile import (
     profile_from_features,
     projector_gain_stats,
 )
+from hf_normalign.diagnostics.probes import EncodedSample, default_probe, encode_probe
 from hf_normalign.registry import get_spec
 from hf_normalign.testing import tiny_batch, tiny_model
 

@@ -132,7 +132,7 @@ def test_stage1_logs_pre_loss_and_mir_and_pushes(stage1):
 @pytest.mark.xfail(
     strict=True,
     reason="MIRCallback logs through Trainer.log in on_step_end; the Trainer's on_log then clears should_log, so the "
-    "loss of every MIR step goes unlogged (hf_normalign/callbacks.py).",
+    "loss of every MIR step goes unlogged (hf_normalign/callbacks/mir.py).",
 )
 def test_mir_steps_keep_their_loss_entry(stage1):
     output_dir, _ = stage1
@@ -144,7 +144,7 @@ def test_mir_steps_keep_their_loss_entry(stage1):
 def test_freezing_rules_per_family(family, stage):
     model = normalign.patch(tiny_model(family), methods=["projector_norm", "moca", "pre"])
     spec = get_spec(model)
-    config = SimpleNamespace(stage=stage, model=SimpleNamespace(lora=False, qlora=False))
+    config = SimpleNamespace(stage=stage, model=SimpleNamespace(lora=False, qlora=False), baseline=False)
     train.setup_stage(model, config)
     projectors = tuple(f"{p}." for p in train.projector_paths(model))
     assert len(projectors) == (2 if family == "qwen3_vl" else 1)  # + the deepstack mergers
@@ -439,3 +439,29 @@ def test_unreadable_data_is_one_line_and_status_2(workspace, tmp_path, capsys, c
     assert train.main(argv(workspace, tmp_path / "out", data_path=data), stage=1) == 2
     err = capsys.readouterr().err
     assert phrase in err and str(data) in err and err.count("\n") == 1
+
+
+def test_baseline_variant_trains_the_same_recipe_without_the_plugin(workspace, tmp_path):
+    """`--methods none`: the papers' baseline row. Stage 1 trains the projector only and writes a plain checkpoint."""
+    out = tmp_path / "baseline"
+    assert train.main(argv(workspace, out, methods="none", max_steps=2, save_steps=2), stage=1) == 0
+    assert (
+        not (out / "normalign_config.json").exists() and not (out / "checkpoint-2" / "normalign_config.json").exists()
+    )
+    with normalign.autoload(False):
+        trained = AutoModelForImageTextToText.from_pretrained(out)
+    assert not normalign.is_patched(trained)
+    before, after = plain_state(workspace / "tiny" / "model"), trained.state_dict()
+    assert all(torch.equal(after[k], v) == (not k.startswith(PROJECTOR)) for k, v in before.items())
+
+
+@pytest.mark.parametrize(
+    ("options", "phrase"),
+    [
+        ({"methods": "none", "normalign_config": '{"moca": true}'}, "contradict"),
+        ({"methods": "none", "push-to-hub": "me/x"}, "push_to_hub"),
+    ],
+)
+def test_baseline_refuses_contradictions(workspace, tmp_path, capsys, options, phrase):
+    assert train.main(argv(workspace, tmp_path / "out", **options), stage=1) == 2
+    assert phrase in capsys.readouterr().err and not (tmp_path / "out").exists()

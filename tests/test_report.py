@@ -17,11 +17,12 @@ from plot_pixels import pixels_of, render
 import hf_normalign
 from hf_normalign import cli
 from hf_normalign.diagnostics import plots
-from hf_normalign.diagnostics.degradation import DegradationResult
-from hf_normalign.diagnostics.keyspace import KeySpaceResult
-from hf_normalign.diagnostics.mir_math import MIRResult
-from hf_normalign.diagnostics.profile import ModalityProfile
-from hf_normalign.diagnostics.report import METRICS, build_report, coincidence_note
+from hf_normalign.diagnostics.maths.mir import MIRResult
+from hf_normalign.diagnostics.metrics.degradation import DegradationResult
+from hf_normalign.diagnostics.metrics.keyspace import KeySpaceResult
+from hf_normalign.diagnostics.metrics.profile import ModalityProfile
+from hf_normalign.diagnostics.report import METRICS, build_report
+from hf_normalign.diagnostics.report_page import coincidence_note
 from hf_normalign.testing import tiny_model, tiny_processor
 
 _VOID = {"meta", "img", "br", "hr", "link", "input"}
@@ -227,7 +228,7 @@ def test_glossary_and_captions_explain_the_names(report):
 def test_every_model_stays_visible_where_curves_coincide():
     """Three identical profiles and one apart: every model's colour is drawn inside the axes (not only in the
     legend), every legend entry is drawn, and the caption names the three that coincide."""
-    from hf_normalign.diagnostics.profile import profile_from_features
+    from hf_normalign.diagnostics.metrics.profile import profile_from_features
 
     g = torch.Generator().manual_seed(0)
     feats = [torch.randn(30, 8, generator=g) * (1 + k) for k in range(3)]

@@ -27,7 +27,7 @@ from typing import Any
 
 from ..diagnostics import plots
 from ..diagnostics.html import Raw, best_row, figure, glossary, page, section, table
-from ..diagnostics.report import plot_caption
+from ..diagnostics.report_page import plot_caption
 
 __all__ = ["COLUMNS", "format_table", "plot_examples", "plot_training", "spread_sentence", "write_report"]
 

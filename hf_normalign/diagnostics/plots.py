@@ -14,7 +14,7 @@ Public helpers (used by :mod:`hf_normalign.diagnostics.report` and :mod:`hf_norm
 
 Example:
     >>> import torch
-    >>> from hf_normalign.diagnostics.profile import profile_from_features
+    >>> from hf_normalign.diagnostics.metrics.profile import profile_from_features
     >>> prof = profile_from_features([torch.randn(20, 4) * 9 for _ in range(3)], [torch.randn(10, 4)] * 3)
     >>> fig = plot_norms({"base": prof})
     >>> len(png_bytes(fig)) > 1000

@@ -40,12 +40,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..callbacks import _calling_trainer
+from ..callbacks.pre import NormAlignCallback
+from ..callbacks.stack import calling_trainer
 from ..config import NormAlignConfig
-from ..patching import _base_model, get_config, get_plugin, patch, unpatch
+from ..modeling import get_base_model
+from ..patching import get_config, get_plugin, patch, unpatch
 from ..peft_utils import mark_plugin_trainable, plugin_lora_exclude_modules
 from ..persistence import save_pretrained
-from ..trainer import NormAlignCallback
 
 __all__ = ["TRAINERS", "NormAlignTRLCallback", "reference_model", "trl_kwargs"]
 
@@ -89,7 +90,7 @@ def reference_model(model: nn.Module) -> nn.Module:
         >>> ref = reference_model(patched_model)  # doctest: +SKIP
         >>> DPOTrainer(model=patched_model, ref_model=ref, ...)  # doctest: +SKIP
     """
-    ref = copy.deepcopy(_base_model(model))
+    ref = copy.deepcopy(get_base_model(model))
     _repatch_without_pre(ref, get_config(ref), get_plugin(ref).state_dict())
     return ref.eval().requires_grad_(False)
 
@@ -152,7 +153,7 @@ class NormAlignTRLCallback(NormAlignCallback):
                     "change. Build the optimizer after hf_normalign.mark_plugin_trainable(model), or let the "
                     "trainer build it."
                 )
-        trainer = _calling_trainer()
+        trainer = calling_trainer()
         ref = getattr(trainer, "ref_model", None)
         if ref is not None:
             self._patch_reference(trainer.accelerator.unwrap_model(ref))
@@ -180,7 +181,7 @@ def _save_plugin_with_adapter(peft_model: nn.Module) -> None:
     def save_with_plugin(save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
         result = original(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
-            name = _base_model(peft_model).name_or_path or os.fspath(save_directory)
+            name = get_base_model(peft_model).name_or_path or os.fspath(save_directory)
             save_pretrained(peft_model, save_directory, adapter_only=True, include=(), base_model_name_or_path=name)
         return result
 
@@ -198,7 +199,7 @@ class _AdapterReference:
     def __init__(self, peft_model: nn.Module, initial: dict[str, torch.Tensor]) -> None:
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        self.base = _base_model(peft_model)
+        self.base = get_base_model(peft_model)
         self.initial = initial
         self.layer = next((m for m in self.base.modules() if isinstance(m, BaseTunerLayer)), None)
         self.saved: dict[str, torch.Tensor] | None = None

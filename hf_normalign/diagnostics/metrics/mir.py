@@ -1,9 +1,9 @@
 """MIR (Modality Integration Rate) of a model: capture features over a probe, then the exact maths.
 
-``mir(model, processor)`` runs the model over the probe in batches (:mod:`.capture`), takes the
+``mir(model, processor)`` runs the model over the probe in batches (:func:`~..runner.run_probe`), takes the
 hidden states at vision and text positions of every decoder layer (layers 1..K, the reference's
 ``hidden_states[1:]``; layer K after the final norm unless ``final_norm=False``) and computes MIR with
-:func:`.mir_math.mir_from_features` (or :class:`.mir_math.StreamingMIR`). Text is the passage
+:func:`..maths.mir.mir_from_features` (or :class:`..maths.mir.StreamingMIR`). Text is the passage
 (default) or, ``text_tokens="after_image"``, every token after the image, as the reference script.
 
 ``preset="reference"`` runs the reference script's recipe (shikiw/Modality-Integration-Rate ``mir.py``):
@@ -44,24 +44,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from .capture import (
+from ...modeling import get_base_model
+from ..engine import CaptureBatch
+from ..maths.frechet import SqrtMethod
+from ..maths.mir import MIRResult, StreamingMIR, mir_from_features
+from ..model_facts import model_input_device, resolve_layers, vision_token_ids
+from ..probes.encoding import (
     TEXT_TOKENS,
     EncodedSample,
-    _base_model,
-    _image_placeholder,
-    capture,
     check_samples,
-    model_input_device,
+    image_placeholder,
     prepare_probe,
-    resolve_layers,
+    probe_description,
     select_text_tokens,
-    vision_token_ids,
 )
-from .frechet import SqrtMethod
-from .mir_math import MIRResult, StreamingMIR, mir_from_features
-from .probe import Probe, load_probe
+from ..probes.probe import Probe, load_probe
+from ..runner import Accumulator, CaptureRequest, ProcessGroup, RunOptions, run_probe
 
-__all__ = ["PRESETS", "REFERENCE_PROMPT", "mir"]
+__all__ = ["PRESETS", "REFERENCE_PROMPT", "FeatureAccumulator", "MIRAccumulator", "mir"]
 
 PRESETS: tuple[str, ...] = ("reference",)
 # The vicuna_v1 conversation of the reference script (LLaVA's conv_vicuna_v1, image then passage as the
@@ -116,24 +116,24 @@ def mir(
 
     Args:
         model: a supported VLM (``...ForConditionalGeneration``), any dtype, quantised or PEFT-wrapped.
-        processor: its processor (not needed for a list of :class:`~.capture.EncodedSample`).
-        probe: ``None``, a :class:`~.probe.Probe`, ``(image, text)`` pairs or encoded samples.
+        processor: its processor (not needed for a list of :class:`~..probes.encoding.EncodedSample`).
+        probe: ``None``, a :class:`~..probes.probe.Probe`, ``(image, text)`` pairs or encoded samples.
         num_samples: pairs used, a seeded subset (``seed``) when the probe is larger; ``None``: all.
         batch_size: samples per forward pass (results agree across batch sizes to rounding).
         final_norm: take layer K after the final norm (as transformers reports it and the reference
             uses it) or before it.
-        layers / include_embeddings: layers to use (numbering in :mod:`.capture`); default 1..K.
+        layers / include_embeddings: layers to use (numbering in :mod:`..model_facts`); default 1..K.
         outliers, sqrt, log_base, outlier_threshold, outlier_stats, text_scale: as
-            :func:`~.mir_math.mir_from_features` (defaults: 3-sigma replace-median with torch statistics,
+            :func:`~..maths.mir.mir_from_features` (defaults: 3-sigma replace-median with torch statistics,
             text-centric scale on, exact square root).
         text_tokens: ``"passage"`` (default) or ``"after_image"`` (every token after the image, template
-            and end-of-sequence tokens included), see :mod:`.capture`.
+            and end-of-sequence tokens included), see :mod:`..probes.encoding`.
         preset: ``"reference"``: the reference script's recipe (module docstring). It sets ``prompt`` and
             ``text_tokens="after_image"``; passing another prompt, text_tokens or any of outliers /
             outlier_stats / outlier_threshold / text_scale / final_norm / log_base / include_embeddings
             that differs from the reference raises ``ValueError``. ``sqrt`` and ``layers`` stay yours.
         streaming: bounded-memory accumulation (``"drop"``/``"none"`` only); default: on for those.
-        prompt, padding_side, device: as :func:`~.capture.capture`.
+        prompt, padding_side, device: as :func:`~..engine.capture`.
         stats_device: where float64 statistics are computed (default: the model's device).
         max_feature_gb: host budget for the stored features of the non-streaming path; ``None``:
             capture all layers in one pass whatever their size.
@@ -146,7 +146,7 @@ def mir(
             ``mir`` with the same arguments; the result equals one process's to float64 round-off.
 
     Returns:
-        :class:`~.mir_math.MIRResult` (``None`` on the other processes of an ``accelerator``); ``settings``
+        :class:`~..maths.mir.MIRResult` (``None`` on the other processes of an ``accelerator``); ``settings``
         also records ``final_norm``, ``batch_size``, the probe, the model and the layer numbering.
         JSON: ``result.to_dict()``.
 
@@ -164,7 +164,7 @@ def mir(
         "include_embeddings": include_embeddings,
     }
     text_tokens, prompt = _apply_preset(preset, given, text_tokens, prompt, processor, probe)
-    base = _base_model(model)
+    base = get_base_model(model)
     selected = resolve_layers(base, layers, include_embeddings=include_embeddings)
     samples = prepare_probe(processor, probe, num_samples=num_samples, seed=seed, prompt=prompt, progress=progress)
     vision_ids = vision_token_ids(base)
@@ -177,13 +177,11 @@ def mir(
             raise ValueError(f"MIR needs at least 2 {what} tokens over the probe set, got {n}")
     if streaming is None:
         streaming = outliers != "replace_median"
-    group_ = _ProcessGroup(accelerator)
-    shard = group_.shard(samples, batch_size)
     extra = {
         "final_norm": final_norm,
         "batch_size": batch_size,
         "padding_side": padding_side,
-        "probe": _probe_name(probe, len(samples), seed),
+        "probe": probe_description(probe, len(samples), seed),
         "model": str(getattr(base.config, "_name_or_path", "") or type(base).__name__),
         "model_dtype": str(base.dtype).removeprefix("torch."),
         "layer_numbering": _LAYER_NUMBERING,
@@ -199,45 +197,26 @@ def mir(
         "outlier_stats": outlier_stats,
         "text_scale": text_scale,
     }
-    run = dict(
-        final_norm=final_norm, batch_size=batch_size, padding_side=padding_side, device=device, progress=progress
-    )
+    run = RunOptions(batch_size=batch_size, device=device, padding_side=padding_side, progress=progress)
     if streaming:
-        acc = StreamingMIR(**maths, layer_indices=selected, device=stats_device, extra_settings=extra)
-        for index in range(acc.passes_required):
-            for batch in capture(model, processor, shard, layers=selected, dtype=None, **run) if shard else ():
-                acc.update(
-                    [batch.vision[k] for k in selected],
-                    [batch.text[k] for k in selected],
-                    num_samples=len(batch.sample_indices),
-                )
-            if index < acc.passes_required - 1:  # "drop": outlier bounds from the norms of every process
-                acc = group_.merged(acc, everywhere=True)
-                acc.end_pass()
-        acc = group_.merged(acc, everywhere=False)
-        return acc.result() if group_.is_main else None
+        stats = StreamingMIR(**maths, layer_indices=selected, device=stats_device, extra_settings=extra)
+        merged = run_probe(
+            model, processor, samples, MIRAccumulator(stats, selected, final_norm), run, accelerator=accelerator
+        )
+        return None if merged is None else merged.result()
 
     hidden = base.config.get_text_config().hidden_size
     itemsize = torch.empty((), dtype=base.dtype).element_size()
     per_layer = (n_vision + n_text) * hidden * itemsize
     group = len(selected) if max_feature_gb is None else max(1, int(max_feature_gb * 2**30 // per_layer))
 
-    def features(group_layers: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        batches = [
-            {k: (batch.vision[k], batch.text[k]) for k in group_layers}
-            for batch in (
-                capture(model, processor, shard, layers=group_layers, dtype=None, output_device="cpu", **run)
-                if shard
-                else ()
-            )
-        ]
-        batches = group_.gathered_batches(batches)
-        if not batches:  # another process than the main one: its features went there
-            return {}
-        return {k: (torch.cat([b[k][0] for b in batches]), torch.cat([b[k][1] for b in batches])) for k in group_layers}
+    def features(layers_: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]] | None:
+        acc = FeatureAccumulator(layers_, final_norm)
+        merged = run_probe(model, processor, samples, acc, run, accelerator=accelerator)
+        return None if merged is None else merged.result()
 
     groups = [selected[i : i + group] for i in range(0, len(selected), group)]
-    if not group_.is_main:  # send this process's features, group by group, in the order the main one asks
+    if not ProcessGroup(accelerator).is_main:  # send this process's features, group by group, as the main one asks
         for layers_ in groups:
             features(layers_)
         return None
@@ -251,6 +230,68 @@ def mir(
         num_samples=len(samples),
         extra_settings=extra,
     )
+
+
+class MIRAccumulator(Accumulator):
+    """The streaming MIR statistics (:class:`~..maths.mir.StreamingMIR`) fed by the probe runner.
+
+    Example:
+        >>> from hf_normalign.diagnostics.maths.mir import StreamingMIR
+        >>> MIRAccumulator(StreamingMIR(outliers="drop", layer_indices=[1, 2]), [1, 2]).passes
+        2
+    """
+
+    def __init__(self, stats: StreamingMIR, layers: Sequence[int], final_norm: bool = True) -> None:
+        self.stats = stats
+        self.request = CaptureRequest(tuple(layers), final_norm=final_norm, dtype=None)
+        self.passes = stats.passes_required
+
+    def update(self, batch: CaptureBatch) -> None:
+        layers = self.request.layers
+        self.stats.update(
+            [batch.vision[k] for k in layers], [batch.text[k] for k in layers], num_samples=len(batch.sample_indices)
+        )
+
+    def merge(self, other: MIRAccumulator) -> None:
+        self.stats.merge(other.stats)
+
+    def end_pass(self) -> None:
+        self.stats.end_pass()
+
+    def result(self) -> MIRResult:
+        return self.stats.result()
+
+
+class FeatureAccumulator(Accumulator):
+    """Every vision and text row of the selected layers, kept on the host in the model's dtype; ``result()``
+    gives layer -> (vision, text) with the rows in probe order (sample, then position), whatever the batches."""
+
+    def __init__(self, layers: Sequence[int], final_norm: bool = True) -> None:
+        self.request = CaptureRequest(tuple(layers), final_norm=final_norm, dtype=None, output_device="cpu")
+        self.samples: dict[str, list[torch.Tensor]] = {"vision": [], "text": []}
+        self.rows: dict[str, dict[int, list[torch.Tensor]]] = {"vision": {}, "text": {}}
+
+    def update(self, batch: CaptureBatch) -> None:
+        for kind, sample, feats in (
+            ("vision", batch.vision_sample, batch.vision),
+            ("text", batch.text_sample, batch.text),
+        ):
+            self.samples[kind].append(sample)
+            for k in self.request.layers:
+                self.rows[kind].setdefault(k, []).append(feats[k])
+
+    def merge(self, other: FeatureAccumulator) -> None:
+        for kind in ("vision", "text"):
+            self.samples[kind] += other.samples[kind]
+            for k, rows in other.rows[kind].items():
+                self.rows[kind].setdefault(k, []).extend(rows)
+
+    def result(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        order = {kind: torch.cat(self.samples[kind]).argsort(stable=True) for kind in ("vision", "text")}
+        return {
+            k: tuple(torch.cat(self.rows[kind][k])[order[kind]] for kind in ("vision", "text"))  # type: ignore[misc]
+            for k in self.request.layers
+        }
 
 
 def _apply_preset(
@@ -279,56 +320,7 @@ def _apply_preset(
         raise ValueError(
             "preset='reference' builds its own prompt and needs a processor and a probe of image-text pairs"
         )
-    return "after_image", REFERENCE_PROMPT.replace("{image}", _image_placeholder(processor))
-
-
-def _probe_name(probe: Any, n: int, seed: int) -> str:
-    if probe is None:
-        return f"default, {n} pairs (seed {seed})"
-    if isinstance(probe, Probe):
-        return f"{probe.name}, {n} pairs used"
-    kind = "encoded samples" if probe and isinstance(probe[0], EncodedSample) else "pairs"
-    return f"{n} {kind}"
-
-
-class _ProcessGroup:
-    """The processes of an ``accelerate.Accelerator`` running :func:`mir` together (one process: a no-op)."""
-
-    def __init__(self, accelerator: Any) -> None:
-        self.rank = 0 if accelerator is None else int(accelerator.process_index)
-        self.size = 1 if accelerator is None else int(accelerator.num_processes)
-        self.is_main = self.rank == 0
-
-    def shard(self, samples: list[EncodedSample], batch_size: int) -> list[EncodedSample]:
-        """This process's batches of the one-process batch plan: batch i goes to process i % size."""
-        batches = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
-        return [sample for batch in batches[self.rank :: self.size] for sample in batch]
-
-    def merged(self, acc: StreamingMIR, *, everywhere: bool) -> StreamingMIR:
-        """Every process's accumulator merged in process order: on all processes, or on the main one only."""
-        if self.size == 1:
-            return acc
-        parts: list[Any] = [None] * self.size
-        if everywhere:
-            torch.distributed.all_gather_object(parts, acc)
-        else:
-            torch.distributed.gather_object(acc, parts if self.is_main else None, dst=0)
-            if not self.is_main:
-                return acc
-        for part in parts[1:]:
-            parts[0].merge(part)
-        return parts[0]
-
-    def gathered_batches(self, batches: list[Any]) -> list[Any]:
-        """On the main process: every process's batches back in probe order; elsewhere: an empty list."""
-        if self.size == 1:
-            return batches
-        parts: list[Any] = [None] * self.size
-        torch.distributed.gather_object(batches, parts if self.is_main else None, dst=0)
-        if not self.is_main:
-            return []
-        total = sum(len(p) for p in parts)
-        return [parts[i % self.size][i // self.size] for i in range(total)]
+    return "after_image", REFERENCE_PROMPT.replace("{image}", image_placeholder(processor))
 
 
 class _LayerStore:
@@ -340,7 +332,7 @@ class _LayerStore:
 
     def __init__(
         self,
-        run: Callable[[list[int]], dict[int, tuple[torch.Tensor, torch.Tensor]]],
+        run: Callable[[list[int]], dict[int, tuple[torch.Tensor, torch.Tensor]] | None],
         groups: list[list[int]],
         device: torch.device,
     ) -> None:
@@ -351,7 +343,7 @@ class _LayerStore:
     def get(self, layer: int, modality: int) -> torch.Tensor:
         if layer not in self._loaded:
             self._loaded = {}  # release the previous group before capturing the next
-            self._loaded = self._run(self._groups[self._group_of[layer]])
+            self._loaded = self._run(self._groups[self._group_of[layer]]) or {}
         return self._loaded[layer][modality].to(self._device)
 
 

@@ -1,4 +1,4 @@
-"""HF Trainer callbacks: MIR during training, with optional early stopping.
+"""MIRCallback: MIR during HF Trainer training, logged like the loss, with optional early stopping.
 
 Example:
     >>> from transformers import Trainer
@@ -11,16 +11,14 @@ Example:
 
 from __future__ import annotations
 
-import inspect
 import math
 import warnings
 from typing import Any
 
 from transformers import TrainerCallback
 
-from .diagnostics.capture import EncodedSample, prepare_probe
-from .diagnostics.mir import mir
-from .diagnostics.mir_math import MIRResult
+from ..diagnostics import EncodedSample, MIRResult, mir, prepare_probe
+from .stack import calling_trainer
 
 __all__ = ["MIRCallback"]
 
@@ -96,7 +94,7 @@ class MIRCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, processing_class=None, **kwargs):
         if self._trainer is None:
-            self._trainer = _calling_trainer()
+            self._trainer = calling_trainer()
         if self.processor is None and hasattr(processing_class, "image_processor"):
             self.processor = processing_class
         if self._samples is None:
@@ -132,16 +130,3 @@ class MIRCallback(TrainerCallback):
             if self.evaluations_without_improvement >= self.early_stopping_patience:
                 control.should_training_stop = True
         return control
-
-
-def _calling_trainer() -> Any:
-    """The transformers Trainer whose callback handler is running (nearest ``self`` up the stack)."""
-    from transformers import Trainer
-
-    frame = inspect.currentframe()
-    while frame is not None:
-        owner = frame.f_locals.get("self")
-        if isinstance(owner, Trainer):
-            return owner
-        frame = frame.f_back
-    return None

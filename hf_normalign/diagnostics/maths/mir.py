@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -47,10 +47,12 @@ from .frechet import (
     SQRT_METHODS,
     GaussianMoments,
     SqrtMethod,
-    _to_f64,
     frechet_distance,
     frechet_from_moments,
+    to_f64,
 )
+from .mir_result import MIRResult
+from .outliers import median, outlier_bounds, outlier_mask
 
 __all__ = ["OUTLIER_MODES", "OUTLIER_STATS", "MIRResult", "StreamingMIR", "mir_from_features"]
 
@@ -59,129 +61,6 @@ STREAMING_OUTLIER_MODES: tuple[str, ...] = ("drop", "none")
 OUTLIER_STATS: tuple[str, ...] = ("torch", "numpy")
 # Default width of the outlier test: 3 standard deviations, or 1.5 IQR for the IQR rule (as the reference).
 _DEFAULT_THRESHOLD = {"iqr": 1.5}
-
-
-def _encode_float(x: float) -> float | str:
-    # Strict JSON has no NaN/inf; keep them round-trippable as strings.
-    return x if math.isfinite(x) else str(x)
-
-
-@dataclass
-class MIRResult:
-    """MIR and its per-layer parts.
-
-    Attributes:
-        mir: log_base of the sum of per-layer FIDs (-inf when the sum is 0, NaN when it is negative,
-            which only ``sqrt="reference_fast"`` can produce).
-        per_layer: FID of each layer, in the order of ``layers``.
-        layers: layer indices (as given by the caller; 0..K-1 by default).
-        num_samples: number of image-text samples behind the features, if known.
-        settings: how it was computed (outliers, outlier_threshold, sqrt, log_base, streaming, plus
-            whatever the caller added, e.g. final_norm).
-        num_vision_tokens / num_text_tokens: tokens per layer that entered the FID (after dropping).
-        num_vision_outliers / num_text_outliers: tokens per layer flagged as outliers.
-        text_scale: alpha_k = 1 / mean text-token norm per layer.
-
-    Example:
-        >>> r = MIRResult(mir=1.0, per_layer=[4.0, 6.0], layers=[1, 2], num_samples=2, settings={})
-        >>> MIRResult.from_dict(r.to_dict()) == r
-        True
-    """
-
-    mir: float
-    per_layer: list[float]
-    layers: list[int]
-    num_samples: int | None
-    settings: dict[str, Any]
-    num_vision_tokens: list[int] = field(default_factory=list)
-    num_text_tokens: list[int] = field(default_factory=list)
-    num_vision_outliers: list[int] = field(default_factory=list)
-    num_text_outliers: list[int] = field(default_factory=list)
-    text_scale: list[float] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-serialisable dict (non-finite floats become "inf" / "-inf" / "nan")."""
-        out = asdict(self)
-        out["mir"] = _encode_float(self.mir)
-        out["per_layer"] = [_encode_float(v) for v in self.per_layer]
-        out["text_scale"] = [_encode_float(v) for v in self.text_scale]
-        return out
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> MIRResult:
-        """Inverse of :meth:`to_dict`."""
-        kwargs = dict(data)
-        kwargs["mir"] = float(kwargs["mir"])
-        kwargs["per_layer"] = [float(v) for v in kwargs["per_layer"]]
-        kwargs["text_scale"] = [float(v) for v in kwargs.get("text_scale", [])]
-        kwargs["settings"] = dict(kwargs.get("settings", {}))
-        return cls(**kwargs)
-
-    def format_table(self) -> str:
-        """Per-layer table: FID, share of the sum, tokens used and outliers flagged per modality."""
-        total = sum(self.per_layer)
-        head = "  ".join(
-            (
-                f"{'layer':>5}",
-                f"{'FID':>12}",
-                f"{'share':>6}",
-                f"{'vision tok (outl.)':>18}",
-                f"{'text tok (outl.)':>16}",
-            )
-        )
-        lines = [head, "-" * len(head)]
-        for i, (layer, fid) in enumerate(zip(self.layers, self.per_layer, strict=True)):
-            share = f"{100 * fid / total:5.1f}%" if total > 0 else "   n/a"
-            vis = _count_cell(self.num_vision_tokens, self.num_vision_outliers, i)
-            txt = _count_cell(self.num_text_tokens, self.num_text_outliers, i)
-            lines.append(f"{layer:>5}  {fid:>12.5g}  {share:>6}  {vis:>18}  {txt:>16}")
-        return "\n".join(lines)
-
-    def __str__(self) -> str:
-        base = self.settings.get("log_base", 10)
-        samples = f"{self.num_samples} samples, " if self.num_samples is not None else ""
-        how = ", ".join(f"{k}={self.settings[k]}" for k in ("outliers", "sqrt") if k in self.settings)
-        summary = (
-            f"MIR = {self.mir:.4f} (log{base:g} of the sum of {len(self.per_layer)} per-layer FIDs = "
-            f"{sum(self.per_layer):.5g}; {samples}{how})"
-        )
-        return summary + "\n" + self.format_table()
-
-
-def _count_cell(tokens: list[int], outliers: list[int], i: int) -> str:
-    if i >= len(tokens):
-        return "?"
-    return f"{tokens[i]} ({outliers[i]})" if i < len(outliers) else str(tokens[i])
-
-
-def _median(x: torch.Tensor, stats: str, dim: int = 0) -> torch.Tensor:
-    """Median along ``dim``: torch's (lower of the two middle values) or numpy's (their mean)."""
-    if stats == "torch":
-        return x.median(dim=dim).values
-    s = x.sort(dim=dim).values
-    n = s.shape[dim]
-    lo, hi = s.narrow(dim, (n - 1) // 2, 1), s.narrow(dim, n // 2, 1)
-    return (0.5 * (lo + hi)).squeeze(dim)
-
-
-def _outlier_bounds(norms: torch.Tensor, rule: str, threshold: float, stats: str) -> tuple[float, float]:
-    """(low, high): token norms outside this closed interval are outliers.
-
-    3-sigma rule: median -/+ threshold * std (ddof 1 for torch statistics, 0 for numpy);
-    IQR rule: Q1 - threshold * IQR, Q3 + threshold * IQR with linearly interpolated quartiles
-    (``torch.quantile`` and ``np.percentile`` agree on that).
-    """
-    if rule == "iqr":
-        q1, q3 = (float(q) for q in torch.quantile(norms, torch.tensor([0.25, 0.75], dtype=norms.dtype)))
-        return q1 - threshold * (q3 - q1), q3 + threshold * (q3 - q1)
-    median = float(_median(norms, stats))
-    width = threshold * float(norms.std(correction=1 if stats == "torch" else 0))
-    return median - width, median + width
-
-
-def _outlier_mask(norms: torch.Tensor, bounds: tuple[float, float]) -> torch.Tensor:
-    low, high = bounds
-    return (norms < low) | (norms > high)
 
 
 def _check_modes(
@@ -255,8 +134,8 @@ def _settings(
 
 def _layer_features(v: Any, t: Any, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """float64 vision and text features of one layer, checked, with their per-token L2 norms."""
-    vs = _to_f64(v, "vision features", name)
-    ts = _to_f64(t, "text features", name).to(vs.device)
+    vs = to_f64(v, "vision features", name)
+    ts = to_f64(t, "text features", name).to(vs.device)
     for what, x in (("vision features", vs), ("text features", ts)):
         if x.ndim != 2:
             raise ValueError(f"{name}: {what} must be 2-D [tokens, dim], got shape {tuple(x.shape)}")
@@ -333,12 +212,12 @@ def mir_from_features(
         _check_rows(t, "text features", name)
         alpha = _text_scale(float(t_norms.sum()), t_norms.shape[0], name) if text_scale else 1.0
         v, t = v * alpha, t * alpha
-        mask_v = _outlier_mask(v_norms, _outlier_bounds(v_norms, rule, threshold, outlier_stats))
-        mask_t = _outlier_mask(t_norms, _outlier_bounds(t_norms, rule, threshold, outlier_stats))
+        mask_v = outlier_mask(v_norms, outlier_bounds(v_norms, rule, threshold, outlier_stats))
+        mask_t = outlier_mask(t_norms, outlier_bounds(t_norms, rule, threshold, outlier_stats))
         if outliers in ("replace_median", "iqr"):
             # median over all rows, outliers included, as the reference
-            v[mask_v] = _median(v, outlier_stats, dim=0)
-            t[mask_t] = _median(t, outlier_stats, dim=0)
+            v[mask_v] = median(v, outlier_stats, dim=0)
+            t[mask_t] = median(t, outlier_stats, dim=0)
         elif outliers == "drop":
             v, t = v[~mask_v], t[~mask_t]
             _check_rows(v, "vision features after dropping outliers", name)
@@ -493,8 +372,8 @@ class StreamingMIR:
                 state.text_norms.append(t_norms.cpu())
             else:
                 assert state.vision_bounds is not None and state.text_bounds is not None
-                mask_v = _outlier_mask(v_norms, state.vision_bounds)
-                mask_t = _outlier_mask(t_norms, state.text_bounds)
+                mask_v = outlier_mask(v_norms, state.vision_bounds)
+                mask_t = outlier_mask(t_norms, state.text_bounds)
                 state.vision_outliers += int(mask_v.sum())
                 state.text_outliers += int(mask_t.sum())
                 state.vision.update(v[~mask_v])
@@ -550,8 +429,8 @@ class StreamingMIR:
                         raise ValueError(f"{name}: {what} need at least 2 rows, got {norms.shape[0]}")
                 state.text_norm_sum, state.text_norm_count = float(t_norms.sum()), t_norms.shape[0]
                 bounds = ("sigma", self.outlier_threshold, self.outlier_stats)
-                state.vision_bounds = _outlier_bounds(v_norms, *bounds)
-                state.text_bounds = _outlier_bounds(t_norms, *bounds)
+                state.vision_bounds = outlier_bounds(v_norms, *bounds)
+                state.text_bounds = outlier_bounds(t_norms, *bounds)
                 state.first_pass_counts = (state.vision_seen, state.text_seen)
                 state.vision_norms, state.text_norms = [], []
                 state.vision_seen = state.text_seen = 0

@@ -15,7 +15,7 @@ Everything runs in float64 on the device of the input, with torch.
 
 Example:
     >>> import torch
-    >>> from hf_normalign.diagnostics.frechet import frechet_distance
+    >>> from hf_normalign.diagnostics.maths.frechet import frechet_distance
     >>> g = torch.Generator().manual_seed(0)
     >>> x = torch.randn(500, 16, generator=g)
     >>> y = torch.randn(400, 16, generator=g) + 1.0
@@ -36,6 +36,7 @@ __all__ = [
     "GaussianMoments",
     "frechet_distance",
     "frechet_from_moments",
+    "to_f64",
     "trace_sqrt_product",
 ]
 
@@ -52,7 +53,7 @@ def _where(name: str | None) -> str:
     return f"{name}: " if name else ""
 
 
-def _to_f64(x: Any, what: str, name: str | None) -> torch.Tensor:
+def to_f64(x: Any, what: str, name: str | None) -> torch.Tensor:
     """Return ``x`` as a float64 torch tensor on its own device (numpy arrays land on the CPU)."""
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(np.ascontiguousarray(x))  # torch rejects negative strides
@@ -169,8 +170,8 @@ def trace_sqrt_product(
         5.0
     """
     _check_method(method)
-    sx = _to_f64(cov_x, "cov_x", name)
-    sy = _to_f64(cov_y, "cov_y", name).to(sx.device)
+    sx = to_f64(cov_x, "cov_x", name)
+    sy = to_f64(cov_y, "cov_y", name).to(sx.device)
     for what, s in (("cov_x", sx), ("cov_y", sy)):
         if s.ndim != 2 or s.shape[0] != s.shape[1]:
             raise ValueError(f"{_where(name)}{what} must be a square matrix, got shape {tuple(s.shape)}")
@@ -208,10 +209,10 @@ def frechet_from_moments(
         2.0
     """
     _check_method(sqrt)
-    mx = _to_f64(mu_x, "mu_x", name)
-    my = _to_f64(mu_y, "mu_y", name).to(mx.device)
-    sx = _to_f64(cov_x, "cov_x", name).to(mx.device)
-    sy = _to_f64(cov_y, "cov_y", name).to(mx.device)
+    mx = to_f64(mu_x, "mu_x", name)
+    my = to_f64(mu_y, "mu_y", name).to(mx.device)
+    sx = to_f64(cov_x, "cov_x", name).to(mx.device)
+    sy = to_f64(cov_y, "cov_y", name).to(mx.device)
     if mx.ndim != 1 or my.shape != mx.shape:
         raise ValueError(f"{_where(name)}means must be 1-D of equal size, got {tuple(mx.shape)}, {tuple(my.shape)}")
     if sx.shape != (mx.shape[0],) * 2:
@@ -257,8 +258,8 @@ def frechet_distance(
         True
     """
     _check_method(sqrt)
-    xs = _to_f64(x, "x", name)
-    ys = _to_f64(y, "y", name).to(xs.device)
+    xs = to_f64(x, "x", name)
+    ys = to_f64(y, "y", name).to(xs.device)
     _check_features(xs, "x", name)
     _check_features(ys, "y", name)
     if xs.shape[1] != ys.shape[1]:
@@ -333,7 +334,7 @@ class GaussianMoments:
 
     def update(self, x: Any) -> GaussianMoments:
         """Add the rows of ``x`` [n, d] (tensor or array); an empty batch is a no-op."""
-        xs = _to_f64(x, "x", None)
+        xs = to_f64(x, "x", None)
         if xs.ndim != 2:
             raise ValueError(f"x must be 2-D [tokens, dim], got shape {tuple(xs.shape)}")
         if xs.shape[0] == 0:

@@ -14,7 +14,7 @@ raises ``ValueError`` naming it. Subsets are drawn with :meth:`Probe.sample` (se
 kept), so the same ``(num_samples, seed)`` always picks the same pairs.
 
 Example:
-    >>> from hf_normalign.diagnostics.probe import default_probe
+    >>> from hf_normalign.diagnostics.probes import default_probe
     >>> probe = default_probe()
     >>> len(probe), probe[0].name
     (100, 'default/000-document')
@@ -38,6 +38,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 __all__ = [
+    "DEFAULT_KINDS",
     "DEFAULT_PROBE_SIZE",
     "IMAGE_EXTENSIONS",
     "Probe",
@@ -51,7 +52,7 @@ __all__ = [
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 DEFAULT_PROBE_SIZE = 100  # passages shipped with the project
-_KINDS = ("document", "chart", "scene")
+DEFAULT_KINDS: tuple[str, ...] = ("document", "chart", "scene")  # image classes, in turn
 
 ImageSource = Image.Image | str | Path | Callable[[], Image.Image]
 
@@ -90,8 +91,10 @@ def sample_indices(total: int, num_samples: int | None, seed: int = 0) -> list[i
         >>> sample_indices(3, 10)
         [0, 1, 2]
     """
-    if num_samples is not None and num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if num_samples is not None and (
+        isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1
+    ):
+        raise ValueError(f"num_samples must be an integer >= 1 (or None for all), got {num_samples!r}")
     if num_samples is None or num_samples >= total:
         return list(range(total))
     return sorted(random.Random(seed).sample(range(total), num_samples))
@@ -173,13 +176,14 @@ def default_probe(num_samples: int = DEFAULT_PROBE_SIZE, seed: int = 0, *, image
         20
     """
     passages = default_passages()
+    sample_indices(len(passages), num_samples)  # validates num_samples
     if num_samples > len(passages):
         raise ValueError(
             f"the default probe has {len(passages)} pairs, {num_samples} were asked for; "
             "use load_probe or probe_from_dataset for a larger probe set"
         )
     samples = [
-        ProbeSample(_DrawnImage(i, seed, image_size), text, f"default/{i:03d}-{_KINDS[i % 3]}")
+        ProbeSample(_DrawnImage(i, seed, image_size), text, f"default/{i:03d}-{DEFAULT_KINDS[i % 3]}")
         for i, text in enumerate(passages)
     ]
     probe = Probe(samples, name=f"default (seed {seed})")
@@ -383,16 +387,23 @@ def _draw_scene(rng: np.random.Generator, size: int) -> Image.Image:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _read_utf8(path: Path) -> str:
+    try:
+        return path.read_text("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}): save it as UTF-8") from err
+
+
 def _read_texts(texts: str | Path | Sequence[str]) -> list[str]:
     if not isinstance(texts, (str, Path)):
         return [str(t) for t in texts]
     path = Path(texts)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() == ".txt")
-        return [p.read_text("utf-8").strip() for p in files]
+        return [_read_utf8(p).strip() for p in files]
     if not path.is_file():
         raise FileNotFoundError(f"text file or folder not found: {path}")
-    lines = path.read_text("utf-8").splitlines()
+    lines = _read_utf8(path).splitlines()
     if path.suffix.lower() == ".jsonl":
         return [str(json.loads(line)["text"]).strip() for line in lines if line.strip()]
     return [line.strip() for line in lines if line.strip()]

@@ -1,10 +1,10 @@
-"""HF Trainer integration: keep the PRe weight right under gradient accumulation, log the PRe loss."""
+"""NormAlignCallback: keep the PRe weight right under gradient accumulation and fp16 loss scaling, log the PRe loss."""
 
 from __future__ import annotations
 
 from transformers import TrainerCallback
 
-from .patching import get_plugin, set_loss_scaler
+from ..patching import get_plugin, set_loss_scaler
 
 
 class NormAlignCallback(TrainerCallback):

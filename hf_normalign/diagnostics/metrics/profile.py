@@ -16,10 +16,10 @@ output before hf-normalign's LayerNorm, of the vision tokens at the LLM input (a
 text-passage embeddings, in ``vision_path_norms``; and for a model patched with ``projector_norm`` the
 LayerNorm gain statistics (:func:`projector_gain_stats`) in ``projector_gain``.
 
-The math is in plain functions on feature tensors (:func:`norm_stats`, :func:`adjacent_cosine`,
-:func:`profile_from_features`); :func:`modality_profile` runs a model over a probe set with the
-capture engine and streams the batches through :class:`ProfileAccumulator`, so no layer's tokens
-are kept beyond one batch (only the per-token norms are).
+The maths is in :mod:`..maths.norms` (:func:`norm_stats`, :func:`adjacent_cosine`); :func:`profile_from_features`
+works on feature tensors; :func:`modality_profile` runs the model over a probe with :func:`~..runner.run_probe`
+and streams the batches through :class:`ProfileAccumulator`, so no layer's tokens are kept beyond one batch
+(only the per-token norms are).
 
 Example:
     >>> import torch
@@ -37,15 +37,22 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from .frechet import _to_f64
+from ...modeling import get_base_model
+from ...registry import embedding_scale, get_spec
+from ..engine import CaptureBatch
+from ..maths.features import as_features
+from ..maths.norms import adjacent_cosine, norm_stats, norm_summary, token_cosines
+from ..model_facts import resolve_layers
+from ..probes.encoding import prepare_probe, probe_description
+from ..results import Column, Result, Table
+from ..runner import Accumulator, CaptureRequest, RunOptions, run_probe
 
 __all__ = [
     "VISION_PATH_STAGES",
@@ -67,93 +74,8 @@ VISION_PATH_STAGES: tuple[str, ...] = (
 )
 
 
-def json_float(x: float | None) -> float | str | None:
-    """A float for strict JSON: NaN / inf become the strings "nan" / "inf" / "-inf" (``float()`` reads them back)."""
-    if x is None:
-        return None
-    x = float(x)
-    return x if math.isfinite(x) else str(x)
-
-
-def json_floats(values: Iterable[float | None] | None) -> list[float | str | None] | None:
-    return None if values is None else [json_float(v) for v in values]
-
-
-def as_features(x: Any, what: str, *, min_rows: int = 1) -> torch.Tensor:
-    """``x`` as a float64 [rows, dim] tensor on its own device; ValueError naming ``what`` otherwise."""
-    t = _to_f64(x, what, None)
-    if t.ndim != 2:
-        raise ValueError(f"{what} must be 2-D [tokens, dim], got shape {tuple(t.shape)}")
-    if t.shape[0] < min_rows:
-        raise ValueError(f"{what}: need at least {min_rows} tokens, got {t.shape[0]}")
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{what} contains non-finite values (NaN/inf)")
-    return t
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Pure math
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _stats_of_norms(norms: torch.Tensor) -> dict[str, float]:
-    return {
-        "mean": float(norms.mean()),
-        "std": float(norms.std(correction=1)) if norms.numel() > 1 else math.nan,
-        "median": float(np.median(norms.cpu().numpy())),
-        "min": float(norms.min()),
-        "max": float(norms.max()),
-        "count": int(norms.numel()),
-    }
-
-
-def norm_stats(features: Any) -> dict[str, float]:
-    """Summary of the per-token L2 norms of ``features`` [tokens, dim], in float64.
-
-    Returns ``mean``, ``std`` (sample standard deviation, ddof 1; NaN for a single token),
-    ``median`` (the average of the two middle values for an even count), ``min``, ``max``, ``count``.
-
-    Example:
-        >>> import torch
-        >>> norm_stats(torch.tensor([[3.0, 4.0], [0.0, 1.0]]))["mean"]
-        3.0
-    """
-    x = as_features(features, "features")
-    return _stats_of_norms(x.norm(dim=1))
-
-
-def _token_cosines(a: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
-    # Clamp each norm separately: a zero token then has cosine 0 with anything, not NaN.
-    na = a.norm(dim=1).clamp_min(eps)
-    nb = b.norm(dim=1).clamp_min(eps)
-    return (a * b).sum(dim=1) / (na * nb)
-
-
-def adjacent_cosine(h_l: Any, h_next: Any, *, eps: float = 1e-12) -> float:
-    """Update-rate proxy: the mean over tokens i of cos(h_l[i], h_next[i]), in float64.
-
-    ``h_l`` and ``h_next`` are [tokens, dim] with row i the same token at two adjacent layers. A
-    token with zero norm contributes cosine 0.
-
-    Example:
-        >>> import torch
-        >>> adjacent_cosine(torch.tensor([[1.0, 0.0], [1.0, 0.0]]), torch.tensor([[2.0, 0.0], [0.0, 1.0]]))
-        0.5
-    """
-    a = as_features(h_l, "h_l")
-    b = as_features(h_next, "h_next").to(a.device)
-    if a.shape != b.shape:
-        raise ValueError(f"h_l {tuple(a.shape)} and h_next {tuple(b.shape)} must hold the same tokens")
-    return float(_token_cosines(a, b, eps).mean())
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Result
-# ----------------------------------------------------------------------------------------------------------
-
-
 @dataclass
-class ModalityProfile:
+class ModalityProfile(Result):
     """Per-layer norm statistics and adjacent-layer cosines of vision and text tokens.
 
     Attributes:
@@ -200,65 +122,39 @@ class ModalityProfile:
     vision_path_norms: dict[str, dict[str, float]] = field(default_factory=dict)
     projector_gain: dict[str, Any] | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable dict (non-finite floats as strings); :meth:`from_dict` inverts it."""
-        out = asdict(self)
-        for key, value in out.items():
-            if isinstance(value, list) and value and isinstance(value[0], float):
-                out[key] = json_floats(value)
-        out["vision_path_norms"] = {
-            stage: {k: json_float(v) if isinstance(v, float) else v for k, v in stats.items()}
-            for stage, stats in self.vision_path_norms.items()
-        }
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModalityProfile:
-        kwargs = dict(data)
-        for key in (
-            "vision_norm_mean",
-            "vision_norm_std",
-            "vision_norm_median",
-            "text_norm_mean",
-            "text_norm_std",
-            "text_norm_median",
-            "norm_ratio",
-            "vision_update_cos",
-            "text_update_cos",
-        ):
-            kwargs[key] = [float(v) for v in kwargs[key]]
-        kwargs["vision_path_norms"] = {
-            stage: {k: v if k == "count" else float(v) for k, v in stats.items()}
-            for stage, stats in kwargs.get("vision_path_norms", {}).items()
-        }
-        return cls(**kwargs)
-
-    def format_table(self) -> str:
-        """Plain-text table: norms per modality, their ratio, and the cosine of the layer's update."""
-        cos = dict(zip(self.update_layers, zip(self.vision_update_cos, self.text_update_cos, strict=True), strict=True))
-        head = f"{'layer':>5}  {'|vision|':>17}  {'|text|':>17}  {'ratio':>8}  {'cos vision':>10}  {'cos text':>9}"
-        lines = [head, "-" * len(head)]
-        for i, layer in enumerate(self.layers):
-            v = f"{self.vision_norm_mean[i]:.4g} ± {self.vision_norm_std[i]:.3g}"
-            t = f"{self.text_norm_mean[i]:.4g} ± {self.text_norm_std[i]:.3g}"
-            cv, ct = (f"{c:.4f}" for c in cos[layer]) if layer in cos else ("", "")
-            lines.append(f"{layer:>5}  {v:>17}  {t:>17}  {self.norm_ratio[i]:>8.3g}  {cv:>10}  {ct:>9}")
-        return "\n".join(lines)
+    TABLES = (
+        Table(
+            "layers",
+            "layer",
+            (
+                Column("vision_norm_mean", "|vision| mean"),
+                Column("vision_norm_std", "|vision| std"),
+                Column("vision_norm_median", "|vision| median"),
+                Column("text_norm_mean", "|text| mean"),
+                Column("text_norm_std", "|text| std"),
+                Column("text_norm_median", "|text| median"),
+                Column("norm_ratio", "ratio"),
+            ),
+        ),
+        Table(
+            "update_layers",
+            "decoder layer",
+            (Column("vision_update_cos", "cos vision", ".4f"), Column("text_update_cos", "cos text", ".4f")),
+        ),
+    )
 
     def __str__(self) -> str:
         return f"ModalityProfile ({self.num_samples} samples)\n{self.format_table()}"
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Streaming accumulation
-# ----------------------------------------------------------------------------------------------------------
-
-
-class ProfileAccumulator:
+class ProfileAccumulator(Accumulator):
     """Streams batches of per-layer features into a :class:`ModalityProfile`.
 
-    Each :meth:`update` takes the features of one batch for every layer in ``layers`` (rows are the
-    same tokens at every layer). Only per-token norms and running cosine sums are kept.
+    Each :meth:`update` takes one batch for every layer in ``layers`` (rows are the same tokens at every
+    layer): a :class:`~..engine.CaptureBatch`, or the vision and text features as layer -> [rows, dim]
+    dicts. Only per-token norms and running cosine sums are kept. With ``vision_path=True`` (what
+    :func:`modality_profile` uses) it also records the norms along the vision path (layer 0 is captured for
+    them, and :meth:`attach` hooks the projector).
 
     Example:
         >>> import torch
@@ -269,18 +165,33 @@ class ProfileAccumulator:
         6
     """
 
-    def __init__(self, layers: Sequence[int], *, eps: float = 1e-12) -> None:
+    def __init__(
+        self, layers: Sequence[int], *, eps: float = 1e-12, final_norm: bool = False, vision_path: bool = False
+    ) -> None:
         self.layers = sorted(int(i) for i in layers)
         if not self.layers:
             raise ValueError("no layers given")
         self.pairs = [(a, b) for a, b in zip(self.layers, self.layers[1:], strict=False) if b == a + 1]
         self.eps = eps
+        self.vision_path = vision_path
+        captured = sorted({0, *self.layers}) if vision_path else self.layers
+        self.request = CaptureRequest(tuple(captured), final_norm=final_norm)
         self._norms: dict[str, dict[int, list[torch.Tensor]]] = {"vision": {}, "text": {}}
         self._cos: dict[str, dict[int, float]] = {"vision": {}, "text": {}}
         self._count = {"vision": 0, "text": 0}
+        self._path: dict[str, list[torch.Tensor]] = {stage: [] for stage in VISION_PATH_STAGES}
 
-    def update(self, vision: dict[int, Any], text: dict[int, Any]) -> None:
-        """Add one batch: ``vision[layer]`` [n_v, d] and ``text[layer]`` [n_t, d] for every layer."""
+    def update(self, batch: CaptureBatch | Mapping[int, Any], text: Mapping[int, Any] | None = None) -> None:
+        """Add one batch: a ``CaptureBatch``, or ``vision[layer]`` [n_v, d] and ``text[layer]`` [n_t, d]."""
+        if isinstance(batch, CaptureBatch):
+            vision, text = batch.vision, batch.text
+            if self.vision_path:
+                self.add_path("llm_input_vision", vision[0])
+                self.add_path("text_embedding", text[0])
+        else:
+            vision = batch
+            if text is None:
+                raise ValueError("update(vision, text) needs the text features too")
         for kind, feats in (("vision", vision), ("text", text)):
             missing = [layer for layer in self.layers if layer not in feats]
             if missing:
@@ -295,9 +206,27 @@ class ProfileAccumulator:
             for layer, x in xs.items():
                 self._norms[kind].setdefault(layer, []).append(x.norm(dim=1).cpu())
             for a, b in self.pairs:
-                cos = _token_cosines(xs[a], xs[b].to(xs[a].device), self.eps)
+                cos = token_cosines(xs[a], xs[b].to(xs[a].device), self.eps)
                 self._cos[kind][b] = self._cos[kind].get(b, 0.0) + float(cos.sum())
             self._count[kind] += rows.pop()
+
+    def add_path(self, stage: str, rows: torch.Tensor) -> None:
+        """Record the per-row L2 norms of ``rows`` [..., dim] at vision-path ``stage``."""
+        rows = rows.detach()
+        self._path[stage].append(rows.reshape(-1, rows.shape[-1]).double().norm(dim=1).cpu())
+
+    def merge(self, other: ProfileAccumulator) -> None:
+        for kind in ("vision", "text"):
+            for layer, norms in other._norms[kind].items():
+                self._norms[kind].setdefault(layer, []).extend(norms)
+            for layer, cos in other._cos[kind].items():
+                self._cos[kind][layer] = self._cos[kind].get(layer, 0.0) + cos
+            self._count[kind] += other._count[kind]
+        for stage, norms in other._path.items():
+            self._path[stage].extend(norms)
+
+    def attach(self, model: nn.Module, samples: Sequence[Any]) -> contextlib.AbstractContextManager[None]:
+        return _projector_hooks(model, self) if self.vision_path else contextlib.nullcontext()
 
     def result(self, *, num_samples: int | None = None, settings: dict[str, Any] | None = None) -> ModalityProfile:
         """The profile of everything added so far; ValueError when a modality has no tokens."""
@@ -305,7 +234,7 @@ class ProfileAccumulator:
             if self._count[kind] == 0:
                 raise ValueError(f"no {what} tokens were seen; the profile needs both modalities")
         stats = {
-            kind: [_stats_of_norms(torch.cat(self._norms[kind][layer])) for layer in self.layers]
+            kind: [norm_summary(torch.cat(self._norms[kind][layer])) for layer in self.layers]
             for kind in ("vision", "text")
         }
         vm, tm = [s["mean"] for s in stats["vision"]], [s["mean"] for s in stats["text"]]
@@ -325,6 +254,7 @@ class ProfileAccumulator:
             num_vision_tokens=self._count["vision"],
             num_text_tokens=self._count["text"],
             settings={"norm_std_ddof": 1, **(settings or {})},
+            vision_path_norms={stage: norm_summary(torch.cat(n)) for stage, n in self._path.items() if n},
         )
 
 
@@ -357,16 +287,6 @@ def profile_from_features(
     return acc.result(num_samples=num_samples)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Model level
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _unwrapped(model: nn.Module) -> nn.Module:
-    get_base = getattr(model, "get_base_model", None)  # PEFT wrapper -> the transformers model
-    return get_base() if callable(get_base) else model
-
-
 def projector_gain_stats(model: nn.Module) -> dict[str, Any] | None:
     """Gain statistics of the projector LayerNorm of a model patched with ``projector_norm`` (main projector,
     ``model.normalign.projector_norm[0].weight`` = g, D entries); None when the model has none.
@@ -385,9 +305,7 @@ def projector_gain_stats(model: nn.Module) -> dict[str, Any] | None:
         >>> round(stats["mean_abs_to_init"], 6), round(stats["l2_to_init"], 6)
         (1.0, 1.0)
     """
-    from ..registry import embedding_scale
-
-    base = _unwrapped(model)
+    base = get_base_model(model)
     plugin = getattr(base, "normalign", None)
     norms = getattr(plugin, "projector_norm", None)
     if norms is None:
@@ -413,63 +331,33 @@ def projector_gain_stats(model: nn.Module) -> dict[str, Any] | None:
     }
 
 
-class _VisionPath:
-    """Per-row norms of the main projector's input and output, recorded by plain hooks (nothing changed).
+@contextlib.contextmanager
+def _projector_hooks(model: nn.Module, acc: ProfileAccumulator) -> Iterator[None]:
+    """Per-row norms of the main projector's input and output into ``acc``, by plain hooks (nothing changed).
 
     The output hook runs ahead of every other forward hook of the projector (``prepend``), so it sees the
     projector's own output, before hf-normalign's LayerNorm hook replaces it.
     """
+    base = get_base_model(model)
+    spec = get_spec(base)
+    projector = spec.get(base, spec.projector)
 
-    def __init__(self, model: nn.Module) -> None:
-        from ..registry import get_spec
+    def before(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        first = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+        acc.add_path("vision_encoder_output", first)
 
-        base = _unwrapped(model)
-        spec = get_spec(base)
-        self.projector = spec.get(base, spec.projector)
-        self.norms: dict[str, list[torch.Tensor]] = {stage: [] for stage in VISION_PATH_STAGES}
+    def after(module: nn.Module, args: tuple, output: Any) -> None:
+        acc.add_path("projector_output", output[0] if isinstance(output, (tuple, list)) else output)
 
-    def add(self, stage: str, rows: torch.Tensor) -> None:
-        rows = rows.detach()
-        self.norms[stage].append(rows.reshape(-1, rows.shape[-1]).double().norm(dim=1).cpu())
-
-    @contextlib.contextmanager
-    def hooks(self) -> Iterator[None]:
-        def before(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            first = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
-            self.add("vision_encoder_output", first)
-
-        def after(module: nn.Module, args: tuple, output: Any) -> None:
-            self.add("projector_output", output[0] if isinstance(output, (tuple, list)) else output)
-
-        handles = [
-            self.projector.register_forward_pre_hook(before, with_kwargs=True),
-            self.projector.register_forward_hook(after, prepend=True),
-        ]
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
-
-    def result(self) -> dict[str, dict[str, float]]:
-        return {stage: _stats_of_norms(torch.cat(n)) for stage, n in self.norms.items() if n}
-
-
-def probe_description(probe: Any, used: int, seed: int) -> str:
-    """How a probe argument is named in ``settings``."""
-    if probe is None:
-        return f"default, {used} pairs (seed {seed})"
-    name = getattr(probe, "name", None)
-    return f"{name}, {used} pairs used" if name else f"{used} pairs"
-
-
-def encoded_probe(
-    processor: Any, probe: Any, num_samples: int | None, seed: int, prompt: str | None, progress: bool
-) -> list[Any]:
-    """The probe encoded for the model (``capture.prepare_probe``) with a clear error when it is empty."""
-    from .capture import prepare_probe
-
-    return prepare_probe(processor, probe, num_samples=num_samples, seed=seed, prompt=prompt, progress=progress)
+    handles = [
+        projector.register_forward_pre_hook(before, with_kwargs=True),
+        projector.register_forward_hook(after, prepend=True),
+    ]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def modality_profile(
@@ -485,21 +373,25 @@ def modality_profile(
     device: str | torch.device | None = None,
     prompt: str | None = None,
     progress: bool = True,
-) -> ModalityProfile:
+    accelerator: Any = None,
+) -> ModalityProfile | None:
     """Norm and update-rate profile of ``model`` over a probe set (default: the built-in probe).
 
     Args:
         model: a supported ``...ForConditionalGeneration`` model.
         processor: its processor (not needed when ``probe`` holds encoded samples).
-        probe: a :class:`~.probe.Probe`, ``(image, text)`` pairs, or ``capture.EncodedSample`` list.
-        num_samples: pairs drawn (seeded) from a :class:`~.probe.Probe` / the default probe; None = all.
+        probe: a :class:`~..probes.probe.Probe`, ``(image, text)`` pairs, or a list of
+            :class:`~..probes.encoding.EncodedSample`.
+        num_samples: pairs drawn (seeded) from a :class:`~..probes.probe.Probe` / the default probe; None = all.
         seed: seed of that draw.
         layers: hidden-state numbers, 0 (LLM input) .. K (last decoder layer); default all of them.
         batch_size: samples per forward pass.
         final_norm: False (default) reports layer K before the final norm. The final RMSNorm rescales
             every token to about its weight's size and would hide the norm gap at the last layer.
-        device, prompt: passed to :func:`~.capture.capture`.
+        device, prompt: passed to :func:`~..engine.capture`.
         progress: tqdm progress bars.
+        accelerator: an ``accelerate.Accelerator`` of several processes: the probe is split across them and
+            the statistics merged on the main process (:mod:`..runner`); the others return None.
 
     Example:
         >>> from hf_normalign.testing import tiny_model, tiny_processor
@@ -507,32 +399,18 @@ def modality_profile(
         >>> prof.layers, len(prof.vision_update_cos)
         ([0, 1, 2], 2)
     """
-    from .capture import capture, resolve_layers
-
     selected = resolve_layers(model, layers, include_embeddings=layers is None)
-    samples = encoded_probe(processor, probe, num_samples, seed, prompt, progress)
-    acc = ProfileAccumulator(selected)
-    path = _VisionPath(model)
-    with path.hooks():
-        for batch in capture(
-            model,
-            processor,
-            samples,
-            layers=sorted({0, *selected}),  # layer 0 feeds vision_path_norms even when not profiled
-            final_norm=final_norm,
-            batch_size=batch_size,
-            device=device,
-            progress=progress,
-        ):
-            acc.update(batch.vision, batch.text)
-            path.add("llm_input_vision", batch.vision[0])
-            path.add("text_embedding", batch.text[0])
+    samples = prepare_probe(processor, probe, num_samples=num_samples, seed=seed, prompt=prompt, progress=progress)
+    acc = ProfileAccumulator(selected, final_norm=final_norm, vision_path=True)
+    run = RunOptions(batch_size=batch_size, device=device, progress=progress)
+    merged = run_probe(model, processor, samples, acc, run, accelerator=accelerator)
+    if merged is None:  # another process than the main one
+        return None
     settings = {
         "final_norm": final_norm,
         "probe": probe_description(probe, len(samples), seed),
         "batch_size": batch_size,
     }
-    profile = acc.result(num_samples=len(samples), settings=settings)
-    profile.vision_path_norms = path.result()
+    profile = merged.result(num_samples=len(samples), settings=settings)
     profile.projector_gain = projector_gain_stats(model)
     return profile

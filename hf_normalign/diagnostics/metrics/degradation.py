@@ -1,0 +1,444 @@
+"""Visual representation degradation across LLM depth (the PRe paper's diagnostics, arXiv 2603.20808).
+
+Per hidden state l (0 = LLM input, k = output of decoder layer k), on the vision tokens:
+
+- **effective dimension** of the mean-pooled vision features (one vector per image): the
+  participation ratio PR = (sum_i lambda_i)^2 / sum_i lambda_i^2 of the eigenvalues of their
+  covariance, :func:`participation_ratio`. PR is 1 when one direction holds all the variance and d
+  when all d directions hold equal variance; it is at most min(images - 1, d).
+- **mean off-diagonal correlation** of the pooled features: the Pearson correlation between every
+  two feature dimensions across images (``axis="features"``, default) or between every two images
+  across dimensions (``axis="samples"``), averaged off the diagonal, both as the mean |r|
+  (:func:`mean_abs_offdiag_correlation`) and signed (:func:`mean_offdiag_correlation`); the paper's
+  text does not say which it plots. High values mean redundant, collapsed features.
+- **patch contrast ratio** when patch labels are given, :func:`contrast_ratio`: cohesion = mean cosine
+  of two vision tokens of the same object in the same image, coupling = mean cosine of two tokens
+  of different objects in the same image; ``ratio`` = cohesion / coupling, the paper's definition
+  (undefined when coupling is 0 and meaningless when it is negative: read cohesion and coupling then).
+  ``ratio_shifted`` = (1 + cohesion) / (1 + coupling), the ratio of the mean shifted similarities
+  (1 + cos) / 2 in [0, 1], is ours: defined for any cosines, 1 means no contrast. The two can move in
+  opposite directions (0.5 / 0.2 -> 0.9 / 0.5: the paper's ratio falls, the shifted one rises), so
+  compare with the paper only through ``ratio``.
+- **linear-probe accuracy** when image labels are given, :func:`linear_probe_accuracy`: ridge
+  regression on one-hot labels (closed form, standardised features), k-fold cross-validated.
+
+The default probe (:func:`shapes_probe`) draws images of two to four shapes of one kind
+(rectangles, ellipses or triangles: the image label) on a textured background, with a pixel map of
+which object each pixel belongs to (the patch labels). The built-in ``default_probe`` supplies image
+labels (document / chart / scene) through its sample names, but no patch labels.
+
+The measures are in :mod:`..maths.degradation`, the shapes probe in :mod:`..probes.shapes`; this module holds
+the result, the options and the accumulator that :func:`visual_degradation` runs with :func:`~..runner.run_probe`.
+
+Example:
+    >>> import torch
+    >>> r = degradation_from_features([torch.randn(12, 4)], torch.arange(12) // 3)
+    >>> r.layers, r.num_images
+    ([0], 4)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ...modeling import get_base_model
+from ..engine import CaptureBatch
+from ..maths.degradation import (
+    contrast_from_sums,
+    contrast_sums,
+    linear_probe_accuracy,
+    mean_abs_offdiag_correlation,
+    mean_offdiag_correlation,
+    participation_ratio,
+)
+from ..maths.features import as_features
+from ..model_facts import resolve_layers
+from ..probes.encoding import prepare_probe
+from ..probes.shapes import resolve_labelled
+from ..results import Column, Result, Table
+from ..runner import Accumulator, CaptureRequest, RunOptions, run_probe
+from .token_grid import batch_patch_labels, token_grid
+
+__all__ = [
+    "DegradationAccumulator",
+    "DegradationOptions",
+    "DegradationResult",
+    "degradation_from_features",
+    "visual_degradation",
+]
+
+
+@dataclass
+class DegradationResult(Result):
+    """Per-layer degradation metrics of the vision tokens.
+
+    Attributes:
+        layers: hidden-state numbers (0 = LLM input, k = output of decoder layer k).
+        effective_dim: participation ratio of the mean-pooled vision features (one row per image).
+        offdiag_corr: mean |r| off the diagonal of their correlation matrix (``settings["corr_axis"]``).
+        offdiag_corr_signed: the signed mean r off the diagonal.
+        cohesion / coupling / contrast_ratio: patch contrast, ratio = cohesion / coupling as the paper
+            (None without patch labels).
+        contrast_ratio_shifted: (1 + cohesion) / (1 + coupling) (None without patch labels).
+        probe_accuracy: cross-validated linear-probe accuracy (None without image labels).
+        probe_chance: share of the most frequent class (what a constant guess scores).
+        num_images, num_classes, class_names: the probe behind the numbers.
+        num_labelled_tokens: vision tokens with an object label (0 without patch labels).
+        settings: how it was computed.
+
+    Example:
+        >>> import torch
+        >>> feats = [torch.randn(40, 6)]
+        >>> r = degradation_from_features(feats, torch.arange(40) // 4, image_labels=[i % 2 for i in range(10)],
+        ...                               folds=2)
+        >>> r.layers, r.contrast_ratio, 0 <= r.probe_accuracy[0] <= 1
+        ([0], None, True)
+    """
+
+    layers: list[int]
+    effective_dim: list[float]
+    offdiag_corr: list[float]
+    cohesion: list[float] | None
+    coupling: list[float] | None
+    contrast_ratio: list[float] | None
+    probe_accuracy: list[float] | None
+    probe_chance: float | None
+    num_images: int
+    num_classes: int | None
+    class_names: list[str] | None
+    num_labelled_tokens: int
+    settings: dict[str, Any] = field(default_factory=dict)
+    offdiag_corr_signed: list[float] = field(default_factory=list)
+    contrast_ratio_shifted: list[float] | None = None
+
+    TABLES = (
+        Table(
+            "layers",
+            "layer",
+            (
+                Column("effective_dim", "effective dim", ".3f"),
+                Column("offdiag_corr", "|corr|", ".4f"),
+                Column("offdiag_corr_signed", "corr (signed)", ".4f"),
+                Column("cohesion", "cohesion", ".4f"),
+                Column("coupling", "coupling", ".4f"),
+                Column("contrast_ratio", "contrast cohesion/coupling", ".4f"),
+                Column("contrast_ratio_shifted", "contrast (1+coh)/(1+coup)", ".4f"),
+                Column("probe_accuracy", "probe accuracy", ".3f"),
+            ),
+        ),
+    )
+
+    def __str__(self) -> str:
+        chance = f", probe chance {self.probe_chance:.3f}" if self.probe_chance is not None else ""
+        return f"DegradationResult ({self.num_images} images{chance})\n{self.format_table()}"
+
+
+@dataclass(frozen=True)
+class DegradationOptions:
+    """The choices behind the degradation numbers, validated on construction: linear-probe folds, ridge and
+    seed (:func:`~..maths.degradation.linear_probe_accuracy`), the correlation axis, the share of a token's
+    cell an object must cover to label the token.
+
+    Example:
+        >>> DegradationOptions(folds=1)
+        Traceback (most recent call last):
+        ...
+        ValueError: folds must be >= 2, got 1
+    """
+
+    folds: int = 5
+    ridge: float = 0.1
+    corr_axis: str = "features"
+    seed: int = 0
+    min_coverage: float = 1 / 3
+
+    def __post_init__(self) -> None:
+        if self.folds < 2:
+            raise ValueError(f"folds must be >= 2, got {self.folds}")
+        if not self.ridge > 0:
+            raise ValueError(f"ridge must be > 0, got {self.ridge}")
+        if self.corr_axis not in ("features", "samples"):
+            raise ValueError(f"corr_axis must be 'features' or 'samples', got {self.corr_axis!r}")
+        if not 0 < self.min_coverage <= 1:
+            raise ValueError(f"min_coverage must be in (0, 1], got {self.min_coverage}")
+
+    def settings(self) -> dict[str, Any]:
+        """How the numbers were computed, for ``DegradationResult.settings``."""
+        return {
+            "pooling": "mean over the vision tokens of each image",
+            "effective_dim": "participation ratio (sum lambda)^2 / sum lambda^2 of the pooled-feature covariance",
+            "corr_axis": self.corr_axis,
+            "contrast_ratio": "cohesion / coupling (the paper's); cosine pairs within one image; -1 labels ignored",
+            "contrast_ratio_shifted": "(1 + cohesion) / (1 + coupling)",
+            "offdiag_corr": "mean |r| off the diagonal; offdiag_corr_signed: mean r",
+            "linear_probe": f"ridge (closed form) on standardised pooled features, {self.folds}-fold stratified CV",
+            "folds": self.folds,
+            "ridge": self.ridge,
+            "seed": self.seed,
+        }
+
+
+class DegradationAccumulator(Accumulator):
+    """Mean-pooled vision features per image and contrast sums per layer, fed batch by batch.
+
+    ``label_maps`` (one [H, W] object map per probe sample, -1 = background) turn on the contrast ratio: each
+    vision token gets the label of its cell of the image's token grid (``token_grid``, default
+    :func:`token_grid` of the model). ``image_labels`` (a class per probe sample) turn on the linear probe.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[int],
+        options: DegradationOptions | None = None,
+        *,
+        final_norm: bool = False,
+        image_labels: Sequence[int] | None = None,
+        class_names: list[str] | None = None,
+        label_maps: Sequence[Any] | None = None,
+        token_grid: Callable[[int], tuple[int, int, int] | None] | None = None,
+        ignore_label: int = -1,
+    ) -> None:
+        self.layers = list(layers)
+        self.options = options or DegradationOptions()
+        self.request = CaptureRequest(tuple(self.layers), final_norm=final_norm)
+        self.image_labels, self.class_names = image_labels, class_names
+        self.label_maps, self.with_contrast = label_maps, label_maps is not None
+        self.ignore_label = ignore_label
+        self._token_grid = token_grid
+        self._grid_of: Callable[[int], tuple[int, int, int] | None] | None = None
+        self.pooled: dict[int, list[torch.Tensor]] = {k: [] for k in self.layers}
+        self.sums: dict[int, list[float]] = {k: [0.0] * 4 for k in self.layers}
+        self.images: list[torch.Tensor] = []
+        self.labelled = 0
+
+    @contextlib.contextmanager
+    def attach(self, model: nn.Module, samples: Sequence[Any]) -> Iterator[None]:
+        self._grid_of = self._token_grid or functools.partial(token_grid, model)
+        self._model_type = getattr(get_base_model(model).config, "model_type", "this model")
+        try:
+            yield
+        finally:
+            self._grid_of = None  # no model reference outside the run
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Sent between processes after the run: a token_grid callable (often a lambda) stays behind.
+        return {**self.__dict__, "_token_grid": None, "_grid_of": None}
+
+    def update(self, batch: CaptureBatch) -> None:
+        patch = None
+        if self.with_contrast:
+            patch = batch_patch_labels(
+                batch.vision_sample, batch.vision_patch, self.label_maps, self._grid_of, self.options.min_coverage
+            )
+            if patch is None:
+                self.with_contrast = False
+                warnings.warn(
+                    f"the layout of the vision tokens of {self._model_type} is unknown (pass token_grid=...): "
+                    "the contrast ratio is skipped",
+                    stacklevel=2,
+                )
+        self.add(batch.vision, batch.vision_sample, patch)
+
+    def add(self, feats: dict[int, Any], groups: torch.Tensor, patch_labels: torch.Tensor | None) -> None:
+        """Add vision features (layer -> [n, d]) with each row's image id ``groups`` [n] and object label."""
+        groups = groups.reshape(-1).cpu()
+        ids, inverse = groups.unique(sorted=True, return_inverse=True)
+        counts = torch.bincount(inverse, minlength=ids.shape[0]).double()
+        self.images.append(ids)
+        if patch_labels is not None:
+            self.labelled += int((patch_labels != self.ignore_label).sum())
+        for k in self.layers:
+            x = as_features(feats[k], f"vision features of layer {k}")
+            inv = inverse.to(x.device)
+            pooled = torch.zeros(ids.shape[0], x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, inv, x)
+            self.pooled[k].append((pooled / counts.to(x.device)[:, None]).cpu())
+            if patch_labels is not None:
+                s = contrast_sums(x, patch_labels.to(x.device), groups.to(x.device), self.ignore_label)
+                self.sums[k] = [a + b for a, b in zip(self.sums[k], s, strict=True)]
+
+    def merge(self, other: DegradationAccumulator) -> None:
+        self.images += other.images
+        self.labelled += other.labelled
+        self.with_contrast = self.with_contrast and other.with_contrast
+        for k in self.layers:
+            self.pooled[k] += other.pooled[k]
+            self.sums[k] = [a + b for a, b in zip(self.sums[k], other.sums[k], strict=True)]
+
+    def result(self, *, settings: dict[str, Any] | None = None) -> DegradationResult:
+        images = torch.cat(self.images) if self.images else torch.empty(0, dtype=torch.long)
+        n = images.shape[0]
+        if n < 2:
+            raise ValueError(f"the degradation metrics need at least 2 images with vision tokens, got {n}")
+        order = images.argsort()  # probe order, whatever the batches were
+        labels = None
+        if self.image_labels is not None:
+            labels = np.asarray([self.image_labels[i] for i in images[order].tolist()])
+        opts = self.options
+        eff, corr, signed, coh, cop, ratio, shifted, acc = [], [], [], [], [], [], [], []
+        for k in self.layers:
+            x = torch.cat(self.pooled[k])[order]
+            eff.append(participation_ratio(x))
+            corr.append(mean_abs_offdiag_correlation(x, axis=opts.corr_axis))
+            signed.append(mean_offdiag_correlation(x, axis=opts.corr_axis))
+            if self.with_contrast:
+                c = contrast_from_sums(self.sums[k])
+                coh.append(c.cohesion)
+                cop.append(c.coupling)
+                ratio.append(c.ratio)
+                shifted.append(c.ratio_shifted)
+            if labels is not None:
+                acc.append(linear_probe_accuracy(x, labels, folds=opts.folds, seed=opts.seed, ridge=opts.ridge))
+        contrast = self.with_contrast
+        extra = dict(settings or {})
+        if not contrast and "min_coverage" in extra:
+            extra["min_coverage"] = None
+        return DegradationResult(
+            layers=self.layers,
+            effective_dim=eff,
+            offdiag_corr=corr,
+            cohesion=coh if contrast else None,
+            coupling=cop if contrast else None,
+            contrast_ratio=ratio if contrast else None,
+            probe_accuracy=acc if labels is not None else None,
+            probe_chance=None
+            if labels is None
+            else float(np.unique(labels, return_counts=True)[1].max() / labels.size),
+            num_images=n,
+            num_classes=int(np.unique(labels).size) if labels is not None else None,
+            class_names=self.class_names,
+            num_labelled_tokens=self.labelled,
+            settings=opts.settings() | extra,
+            offdiag_corr_signed=signed,
+            contrast_ratio_shifted=shifted if contrast else None,
+        )
+
+
+def degradation_from_features(
+    vision_layers: Sequence[Any],
+    image_ids: Any,
+    *,
+    patch_labels: Any = None,
+    image_labels: Sequence[int] | None = None,
+    class_names: list[str] | None = None,
+    layers: Sequence[int] | None = None,
+    folds: int = 5,
+    ridge: float = 0.1,
+    corr_axis: str = "features",
+    ignore_label: int = -1,
+    seed: int = 0,
+) -> DegradationResult:
+    """Degradation metrics from vision-token features: ``vision_layers[j]`` [n_tokens, d] per layer.
+
+    ``image_ids`` [n_tokens] says which image each token belongs to (0..num_images-1; pooling and
+    contrast pairs follow it); ``patch_labels`` [n_tokens] gives object labels (-1 = none) for the
+    contrast ratio; ``image_labels[i]`` is the class of image i for the linear probe. Either may be
+    None, which skips that metric.
+
+    Example:
+        >>> import torch
+        >>> r = degradation_from_features([torch.randn(12, 4)], torch.arange(12) // 3,
+        ...                               patch_labels=torch.tensor([0, 0, 1] * 4))
+        >>> r.contrast_ratio is not None, r.probe_accuracy
+        (True, None)
+    """
+    if len(vision_layers) == 0:
+        raise ValueError("no layers given")
+    numbers = list(range(len(vision_layers))) if layers is None else [int(i) for i in layers]
+    if len(numbers) != len(vision_layers):
+        raise ValueError(f"layers must number the {len(vision_layers)} entries, got {numbers}")
+    ids = torch.as_tensor(np.asarray(image_ids)).long().reshape(-1)
+    labels = None if patch_labels is None else torch.as_tensor(np.asarray(patch_labels)).long().reshape(-1)
+    acc = DegradationAccumulator(
+        numbers,
+        DegradationOptions(folds, ridge, corr_axis, seed),
+        image_labels=image_labels,
+        class_names=class_names,
+        ignore_label=ignore_label,
+    )
+    acc.with_contrast = labels is not None
+    acc.add(dict(zip(numbers, vision_layers, strict=True)), ids, labels)
+    return acc.result()
+
+
+def visual_degradation(
+    model: nn.Module,
+    processor: Any,
+    probe: Any = None,
+    *,
+    image_labels: Sequence[int] | None = None,
+    label_maps: Sequence[Any] | None = None,
+    num_samples: int | None = 60,
+    seed: int = 0,
+    layers: Iterable[int] | None = None,
+    batch_size: int = 8,
+    final_norm: bool = False,
+    folds: int = 5,
+    ridge: float = 0.1,
+    corr_axis: str = "features",
+    min_coverage: float = 1 / 3,
+    token_grid: Callable[[int], tuple[int, int, int] | None] | None = None,
+    device: str | torch.device | None = None,
+    prompt: str | None = None,
+    progress: bool = True,
+    accelerator: Any = None,
+) -> DegradationResult | None:
+    """Visual degradation of ``model`` across depth (default probe: :func:`shapes_probe`, labelled).
+
+    Args:
+        model: a supported ``...ForConditionalGeneration`` model.
+        processor: its processor.
+        probe: None (the shapes probe), a :class:`LabelledProbe`, a :class:`~..probes.probe.Probe` (the built-in
+            ``default_probe`` brings its document / chart / scene classes), pairs or encoded samples.
+        image_labels / label_maps: labels for a plain probe: a class per pair, and an [H, W] map of
+            object ids per pair (-1 = background) over the image as the processor sees it (square images
+            are safest: a centre crop would shift the map).
+        num_samples, seed: pairs used (a seeded subset, labels kept aligned).
+        layers: hidden-state numbers 0..K (default all, 0 = the LLM input).
+        final_norm: False (default) takes layer K before the final norm, like the other layers.
+        folds, ridge: linear probe (:func:`linear_probe_accuracy`).
+        corr_axis: see :func:`mean_abs_offdiag_correlation`.
+        min_coverage: share of a token's cell an object must cover to label the token.
+        token_grid: maps the number of vision tokens of an image to (first token, rows, cols) of the
+            row-major token grid covering the whole image; default :func:`token_grid` (square grids, and the
+            overview tile of a spec with ``vision_grid="overview_tile"``). Without a grid the contrast ratio is
+            skipped (warning).
+        device, prompt: passed to :func:`~..engine.capture`.
+        progress: tqdm progress bars.
+        accelerator: an ``accelerate.Accelerator`` of several processes: the probe is split across them and
+            the pooled features merged on the main process (:mod:`..runner`); the others return None.
+
+    Example:
+        >>> from hf_normalign.testing import tiny_model, tiny_processor
+        >>> r = visual_degradation(tiny_model("llava"), tiny_processor("llava"), num_samples=12, folds=3,
+        ...                        progress=False)
+        >>> r.layers, r.num_classes
+        ([0, 1, 2], 3)
+    """
+    options = DegradationOptions(folds, ridge, corr_axis, seed, min_coverage)
+    selected = resolve_layers(model, layers, include_embeddings=layers is None)
+    data = resolve_labelled(probe, image_labels, label_maps, num_samples, seed)
+    samples = prepare_probe(processor, data.samples, seed=seed, prompt=prompt, progress=progress)
+    acc = DegradationAccumulator(
+        selected,
+        options,
+        final_norm=final_norm,
+        image_labels=data.image_labels,
+        class_names=data.class_names,
+        label_maps=data.label_maps,
+        token_grid=token_grid,
+    )
+    run = RunOptions(batch_size=batch_size, device=device, progress=progress)
+    merged = run_probe(model, processor, samples, acc, run, accelerator=accelerator)
+    if merged is None:  # another process than the main one
+        return None
+    settings = {"final_norm": final_norm, "probe": data.name, "batch_size": batch_size, "min_coverage": min_coverage}
+    return merged.result(settings=settings)

@@ -1,0 +1,133 @@
+"""Writing the hf-normalign files of a checkpoint, and :func:`save_pretrained` (aligned or adapter-only form).
+
+The full form's base files are written by transformers' own ``save_pretrained``, intercepted in
+:mod:`hf_normalign.persistence.integration`; this module writes the plugin files beside them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from ..modeling import get_base_model
+from ..patching import NormAlignModules, get_plugin
+from .format import CONFIG_NAME, MODULES_NAME, PLUGIN_FILES, WEIGHTS_NAME, CheckpointInfo, file_sha256, info_for
+from .staging import atomic_directory, file_operation
+
+
+def _plugin_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # Clones: safetensors refuses tensors that share storage, and the file must not alias live parameters.
+    return {key: value.detach().to("cpu", copy=True).contiguous() for key, value in state.items()}
+
+
+def write_files(
+    directory: str,
+    info: CheckpointInfo,
+    plugin_state: dict[str, torch.Tensor],
+    module_state: dict[str, torch.Tensor] | None = None,
+) -> None:
+    # One metadata key only: safetensors writes several in no fixed order, and identical saves should be
+    # identical files (reproducible, and deduplicated on the Hub). The version lives in the config file.
+    metadata = {"format": "pt"}
+    files = {WEIGHTS_NAME: plugin_state, **({MODULES_NAME: module_state} if module_state else {})}
+    hashes = {}
+    for name, state in files.items():
+        path = os.path.join(directory, name)
+        file_operation("write", path)
+        save_file(_plugin_tensors(state), path, metadata=metadata)
+        hashes[name] = file_sha256(path)
+    file_operation("write", os.path.join(directory, CONFIG_NAME))
+    with open(os.path.join(directory, CONFIG_NAME), "w", encoding="utf-8") as f:
+        f.write(json.dumps(dataclasses.replace(info, sha256=hashes).to_dict(), indent=2) + "\n")
+
+
+def save_pretrained(
+    model: nn.Module,
+    save_directory: str | os.PathLike,
+    *,
+    adapter_only: bool = False,
+    include: Sequence[str] | None = None,
+    base_model_name_or_path: str | None = None,
+    base_model_revision: str | None = None,
+    **save_kwargs: Any,
+) -> str:
+    """Save a patched model as an aligned checkpoint, or as an adapter. Returns the directory.
+
+    ``adapter_only=False`` is ``model.save_pretrained(save_directory, **save_kwargs)``: the base files
+    exactly as transformers writes them, plus ``normalign_config.json`` and ``normalign.safetensors``.
+
+    ``adapter_only=True`` writes only the hf-normalign files: the plugin weights, and the weights of the
+    modules in ``include`` (default ``("projector",)``: the projector, and Qwen3-VL's deepstack mergers;
+    other entries are module paths such as ``"model.vision_tower"``) in ``normalign_modules.safetensors``.
+    ``base_model_name_or_path`` (default: ``model.name_or_path``) is where loading fetches the base from.
+
+    Example:
+        >>> normalign.save_pretrained(model, "adapter", adapter_only=True,
+        ...                           base_model_name_or_path="llava-hf/llava-1.5-7b-hf")  # doctest: +SKIP
+
+    The write is atomic: a failure part-way leaves the previous content of ``save_directory`` in place.
+    """
+    plugin = get_plugin(model)
+    if plugin is None:
+        raise ValueError(
+            "This model is not patched by hf-normalign: nothing to save. Patch it with `hf_normalign.patch` "
+            "first, or call `model.save_pretrained` for a plain checkpoint."
+        )
+    base = get_base_model(model)
+    if not adapter_only:
+        if include is not None or base_model_name_or_path is not None or base_model_revision is not None:
+            raise ValueError(
+                "include / base_model_name_or_path / base_model_revision describe an adapter: pass adapter_only=True."
+            )
+        base.save_pretrained(save_directory, **save_kwargs)
+        return os.fspath(save_directory)
+    if save_kwargs:
+        raise TypeError(f"adapter_only=True writes no transformers files; unexpected options {sorted(save_kwargs)}.")
+    name = base_model_name_or_path or getattr(base, "name_or_path", "") or None
+    if name is None:
+        raise ValueError(
+            "The adapter must name its base model, and this model does not know where it was loaded from: pass "
+            "base_model_name_or_path='org/name' (a Hub repo id or a local directory)."
+        )
+    paths = _module_paths(base, plugin, ("projector",) if include is None else include)
+    module_state = {
+        f"{path}.{key}": value for path in paths for key, value in base.get_submodule(path).state_dict().items()
+    }
+    quantised = sorted(key for key, value in module_state.items() if not value.is_floating_point())
+    if quantised:
+        raise ValueError(
+            f"The modules {paths} are quantised ({quantised[:3]} ...): an adapter stores full-precision weights. Load "
+            f"the base with BitsAndBytesConfig(llm_int8_skip_modules=['lm_head', {', '.join(map(repr, paths))}]) to "
+            "keep them trainable, or pass include=() to save the plugin alone."
+        )
+    info = info_for(
+        base,
+        plugin,
+        adapter_only=True,
+        base_model_name_or_path=name,
+        base_model_revision=base_model_revision,
+        modules_to_save=paths,
+    )
+    with atomic_directory(save_directory, replaces=lambda entry: entry in PLUGIN_FILES) as staging:
+        write_files(staging, info, plugin.state_dict(), module_state)
+    return os.fspath(save_directory)
+
+
+def _module_paths(base: nn.Module, plugin: NormAlignModules, include: Sequence[str]) -> list[str]:
+    if isinstance(include, str):
+        include = (include,)
+    spec = plugin.spec
+    paths: list[str] = []
+    for entry in include:
+        for path in (spec.projector, *spec.extra_projectors) if entry == "projector" else (entry,):
+            spec.get(base, path)  # a clear error for a path that does not exist
+            if path not in paths:
+                paths.append(path)
+    return paths
