@@ -50,7 +50,8 @@ def main() -> None:
     if args.lora:
         from peft import LoraConfig
 
-        peft_config = LoraConfig(target_modules=["q_proj", "v_proj"])
+        # LLM attention only: bare ["q_proj", "v_proj"] would also put LoRA on the CLIP tower's projections.
+        peft_config = LoraConfig(target_modules=r".*language_model.*\.(q_proj|v_proj)")
     config = GRPOConfig(
         output_dir=os.path.join(args.out, "run"),
         max_steps=2,
