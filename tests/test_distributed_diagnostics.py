@@ -5,16 +5,12 @@ accumulators exactly.
 Run as a script, this file is what each launched process does: every process computes the distributed results,
 and the main process then also computes the one-process results on the whole probe, with the same thread count."""
 
-import json
 import math
-import os
-import socket
-import subprocess
 import sys
 
 import pytest
+from distributed import compare_in_processes, launch
 
-DDP_CONFIG = os.path.join(os.path.dirname(__file__), os.pardir, "recipes", "accelerate", "ddp_cpu.yaml")
 COMMON = {"num_samples": 10, "batch_size": 3, "progress": False}  # 4 batches, the last one short
 
 
@@ -29,41 +25,9 @@ def _cases():
     }
 
 
-def _launched(path: str) -> None:
-    from accelerate import Accelerator
-
-    from hf_normalign.testing import tiny_model, tiny_processor
-
-    accelerator = Accelerator(cpu=True)
-    model, processor = tiny_model("llava"), tiny_processor("llava")
-    report = {}
-    for name, run in _cases().items():
-        distributed = run(model, processor, accelerator=accelerator)
-        if accelerator.is_main_process:
-            single = run(model, processor)
-            report[name] = {"single": single.to_dict(), "distributed": distributed.to_dict()}
-        else:
-            assert distributed is None
-    if accelerator.is_main_process:
-        with open(path, "w") as f:
-            json.dump(report, f)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    path = tmp_path_factory.mktemp("diagnostics") / "report.json"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", DDP_CONFIG]
-    command += ["--main_process_port", str(_free_port()), os.path.abspath(__file__), str(path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(path.read_text())
+    return launch(__file__, tmp_path_factory.mktemp("diagnostics") / "report.json")
 
 
 def _assert_close(distributed, single, where=""):
@@ -93,4 +57,4 @@ def test_two_processes_give_the_single_process_result(report, case):
 
 
 if __name__ == "__main__":
-    _launched(sys.argv[1])
+    compare_in_processes(sys.argv[1], _cases())

@@ -4,13 +4,10 @@ stored-features path (3-sigma replace-median, also captured group by group) and 
 Run as a script, this file is what each launched process does: every process computes the distributed MIR, and
 the main process then also computes the one-process MIR on the whole probe, with the same thread count."""
 
-import json
-import os
-import socket
-import subprocess
 import sys
 
 import pytest
+from distributed import compare_in_processes, launch
 
 CASES = {
     "replace_median": {"outliers": "replace_median"},
@@ -18,46 +15,11 @@ CASES = {
     "none": {"outliers": "none"},
     "drop": {"outliers": "drop"},
 }
-DDP_CONFIG = os.path.join(os.path.dirname(__file__), os.pardir, "recipes", "accelerate", "ddp_cpu.yaml")
-
-
-def _launched(path: str) -> None:
-    from accelerate import Accelerator
-
-    from hf_normalign.diagnostics import mir
-    from hf_normalign.testing import tiny_model, tiny_processor
-
-    accelerator = Accelerator(cpu=True)
-    model, processor = tiny_model("llava"), tiny_processor("llava")
-    common = {"num_samples": 10, "batch_size": 3, "progress": False}  # 4 batches, the last one short
-    report = {}
-    for name, options in CASES.items():
-        distributed = mir(model, processor, accelerator=accelerator, **common, **options)
-        if accelerator.is_main_process:
-            single = mir(model, processor, **common, **options)
-            report[name] = {"single": single.to_dict(), "distributed": distributed.to_dict()}
-        else:
-            assert distributed is None
-    if accelerator.is_main_process:
-        with open(path, "w") as f:
-            json.dump(report, f)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    path = tmp_path_factory.mktemp("mir") / "report.json"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", DDP_CONFIG]
-    command += ["--main_process_port", str(_free_port()), os.path.abspath(__file__), str(path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(path.read_text())
+    return launch(__file__, tmp_path_factory.mktemp("mir") / "report.json")
 
 
 @pytest.mark.slow
@@ -72,5 +34,12 @@ def test_two_processes_give_the_single_process_mir(report, case):
     assert distributed["text_scale"] == pytest.approx(single["text_scale"], rel=1e-12, abs=0)
 
 
+def _mir_cases():
+    from hf_normalign.diagnostics import mir
+
+    common = {"num_samples": 10, "batch_size": 3, "progress": False}  # 4 batches, the last one short
+    return {name: lambda m, p, o=options, **k: mir(m, p, **common, **o, **k) for name, options in CASES.items()}
+
+
 if __name__ == "__main__":
-    _launched(sys.argv[1])
+    compare_in_processes(sys.argv[1], _mir_cases())
