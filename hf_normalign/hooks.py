@@ -59,7 +59,7 @@ def _root_post_hook(ref, module, args, kwargs, output):
     if loss is None:
         return None
     # Detached: the PRe gradient is already injected at the PRe layer (see InjectAuxLoss).
-    weighted = plugin.config.pre.weight * plugin.pre_grad_scale * loss
+    weighted = plugin.config.pre.weight * plugin.pre_grad_scale * plugin.pre_loss_term_scale * loss
     if isinstance(output, ModelOutput):
         fields = dict(output.items())
         if fields.get("loss") is not None:

@@ -62,6 +62,9 @@ class NormAlignModules(nn.Module):
         # Set by `NormAlignCallback` to 1 / gradient_accumulation_steps so the injected PRe
         # gradient keeps its weight when the trainer divides the LM loss.
         self.pre_grad_scale = 1.0
+        # Multiplies only the detached PRe term added to `outputs.loss` (a value for logging; the gradient is
+        # injected): set by `NormAlignCallback` to cancel the HF Trainer's `loss *= num_processes`.
+        self.pre_loss_term_scale = 1.0
         # fp16 loss scaling: see `set_loss_scaler`.
         self.loss_scaler: Any = None
         self.loss_scaler_declared = False

@@ -155,12 +155,6 @@ def test_fsdp_trains_like_one_process(runs, stage):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="As under DDP (tests/test_recipes.py): the logged `loss` counts the PRe term num_processes times (the "
-    "Trainer multiplies the loss of models taking num_items_in_batch by num_processes; patching.py adds "
-    "weight * PRe to it) and `pre_loss` is rank 0's own value. Training itself is unaffected (test above).",
-)
 def test_fsdp_logs_like_one_process(runs):
     single, fsdp = runs[1]
     for key in ("loss", "pre_loss"):

@@ -295,12 +295,6 @@ def test_ddp_with_pre_trains_like_single_process(ddp_runs):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="Under DDP the logged `loss` counts the PRe term num_processes times (the Trainer multiplies the loss of "
-    "models taking num_items_in_batch by num_processes; patching.py adds weight * PRe to it) and `pre_loss` is "
-    "rank 0's own value (NormAlignCallback does not average over processes). Training itself is unaffected.",
-)
 def test_ddp_with_pre_logs_like_single_process(ddp_runs):
     single, ddp = ddp_runs["projector_norm,moca,pre"]
     torch.testing.assert_close(losses(ddp), losses(single), rtol=1e-5, atol=0)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import torch
 from transformers import TrainerCallback
 
 from ..patching import get_plugin, set_loss_scaler
+from .stack import calling_trainer
 
 
 class NormAlignCallback(TrainerCallback):
@@ -15,7 +17,7 @@ class NormAlignCallback(TrainerCallback):
     gradient-accumulation steps. This callback scales the injected gradient by
     ``1 / gradient_accumulation_steps`` so accumulation 2 x batch b updates like accumulation
     1 x batch 2b, declares the Trainer's fp16 loss scaler (see `set_loss_scaler`), and logs the
-    mean unweighted PRe loss as ``pre_loss`` next to ``loss``.
+    mean unweighted PRe loss as ``pre_loss`` next to ``loss`` (averaged over processes, like ``loss``).
 
     Example:
         >>> trainer = Trainer(model, args, train_dataset=ds, callbacks=[normalign.NormAlignCallback()])
@@ -23,15 +25,19 @@ class NormAlignCallback(TrainerCallback):
     """
 
     def __init__(self) -> None:
-        self._pre_losses: list[float] = []
+        self._step = [0.0, 0]  # sum and count of this optimizer step's PRe values (one per micro-batch)
+        self._logged = [0.0, 0]  # the same since the last log, over every process
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         plugin = get_plugin(model) if model is not None else None
-        if plugin is not None and plugin.config.pre is not None and args.fp16 and args.deepspeed:
+        if plugin is None:
+            return
+        if plugin.config.pre is not None and args.fp16 and args.deepspeed:
             raise ValueError(
                 "PRe with DeepSpeed fp16 is not supported: DeepSpeed scales the loss with its own scaler, which "
                 "the injected PRe gradient cannot follow. Train with bf16=True instead of fp16=True."
             )
+        plugin.pre_loss_term_scale = 1.0 / _trainer_loss_multiplier(args)
 
     def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         plugin = get_plugin(model) if model is not None else None
@@ -43,19 +49,43 @@ class NormAlignCallback(TrainerCallback):
     def _collect(self, model) -> None:
         plugin = get_plugin(model) if model is not None else None
         if plugin is not None and plugin.last_pre_loss is not None:
-            self._pre_losses.append(float(plugin.last_pre_loss))
+            self._step[0] += float(plugin.last_pre_loss)
+            self._step[1] += 1
 
     def on_substep_end(self, args, state, control, model=None, **kwargs):
         self._collect(model)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         self._collect(model)
+        step = self._step
+        plugin = get_plugin(model) if model is not None else None
+        if plugin is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Summed over processes here, where every process takes part (logging may run on the main one only).
+            totals = torch.tensor(step, dtype=torch.float64, device=next(plugin.parameters()).device)
+            torch.distributed.all_reduce(totals)
+            step = totals.tolist()
+        self._logged = [self._logged[0] + step[0], self._logged[1] + step[1]]
+        self._step = [0.0, 0]
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         # The Trainer has already stored a copy of `logs` in `state.log_history`: update both, so
         # `pre_loss` reaches the history and the reporting callbacks that run after this one.
-        if logs is not None and "loss" in logs and self._pre_losses:
-            logs["pre_loss"] = sum(self._pre_losses) / len(self._pre_losses)
+        if logs is not None and "loss" in logs and self._logged[1]:
+            logs["pre_loss"] = self._logged[0] / self._logged[1]
             if state.log_history and state.log_history[-1].get("loss") == logs["loss"]:
                 state.log_history[-1]["pre_loss"] = logs["pre_loss"]
-            self._pre_losses.clear()
+            self._logged = [0.0, 0]
+
+
+def _trainer_loss_multiplier(args) -> int:
+    """What the running HF Trainer multiplies a model's own loss by before logging it: ``num_processes`` when it
+    averages tokens across devices for a model that takes ``num_items_in_batch`` (1 otherwise, and outside a
+    Trainer)."""
+    trainer = calling_trainer()
+    if trainer is None or not getattr(args, "average_tokens_across_devices", False):
+        return 1
+    if not (getattr(trainer, "model_accepts_loss_kwargs", False) or getattr(trainer, "compute_loss_func", None)):
+        return 1
+    if args.n_gpu > 1:
+        return args.n_gpu
+    return max(1, trainer.accelerator.num_processes // trainer.get_tp_size())
