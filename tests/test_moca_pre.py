@@ -262,3 +262,31 @@ def test_pre_layer_numbering_paper_helper_and_saved_note():
     assert normalign.PReConfig.from_dict(saved) == cfg
     with pytest.raises(ValueError, match="counted from 1"):
         normalign.PReConfig.from_paper_layer(0)
+
+
+def test_callback_factors_do_not_outlive_the_training_run(tmp_path):
+    """After `trainer.train()` the patched model computes `outputs.loss` exactly as before training started."""
+    from transformers import Trainer, TrainingArguments
+
+    model = normalign.patch(tiny_model("llava"), methods="pre")
+    samples = [tiny_batch("llava", batch_size=1, seed=s) for s in range(2)]
+    args = TrainingArguments(
+        str(tmp_path),
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=2,
+        max_steps=1,
+        learning_rate=0.0,
+        report_to=[],
+        save_strategy="no",
+        remove_unused_columns=False,
+    )
+    collate = lambda rows: {k: torch.cat([r[k] for r in rows]) for k in rows[0]}  # noqa: E731
+    Trainer(
+        model=model, args=args, train_dataset=samples, data_collator=collate, callbacks=[normalign.NormAlignCallback()]
+    ).train()
+    plugin = model.normalign
+    assert (plugin.pre_grad_scale, plugin.pre_loss_term_scale, plugin.loss_scaler_declared) == (1.0, 1.0, False)
+    out = model(**samples[0])
+    logits, labels = out.logits[:, :-1], samples[0]["labels"][:, 1:]
+    lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(out.loss, lm + 0.5 * out["pre_loss"])

@@ -39,6 +39,13 @@ class NormAlignCallback(TrainerCallback):
             )
         plugin.pre_loss_term_scale = 1.0 / _trainer_loss_multiplier(args)
 
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        # The factors above belong to this Trainer's run: a later forward outside it gets the plain model back.
+        plugin = get_plugin(model) if model is not None else None
+        if plugin is not None:
+            plugin.pre_grad_scale = plugin.pre_loss_term_scale = 1.0
+            plugin.loss_scaler, plugin.loss_scaler_declared = None, False
+
     def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         plugin = get_plugin(model) if model is not None else None
         if plugin is not None:
