@@ -35,6 +35,12 @@ def compare_in_processes(path: str, cases: dict[str, Callable]) -> None:
     if accelerator.is_main_process:
         with open(path, "w") as f:
             json.dump(report, f)
+    # Leave together and close the group: a rank that exits while the other still computes aborts in gloo's
+    # teardown ("terminate called without an active exception"), which failed the launch now and then.
+    accelerator.wait_for_everyone()
+    import torch.distributed
+
+    torch.distributed.destroy_process_group()
 
 
 def _free_port() -> int:
