@@ -647,13 +647,23 @@ def _setup_logging(training_args: TrainingArguments) -> None:
     package.setLevel(std_logging.INFO if training_args.should_log else std_logging.WARNING)
 
 
+def finish(trainer: Trainer) -> None:
+    """End a script's run: wait for every process, then close the process group.
+
+    Under ``accelerate launch`` the main process still saves (and pushes) after the others are done; a process
+    that exits while the group is open aborts in gloo's/NCCL's teardown ("terminate called without an active
+    exception") and fails the launch. A single process has no group, and this does nothing."""
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
+
+
 def main(argv: Sequence[str] | None = None, *, stage: int) -> int:
     """Command-line entry: 0 on success, 2 for a configuration or data error (reported on one line)."""
     prog = f"hf_normalign.recipes.stage{stage}"
     try:
         config = parse_args(argv, stage)
         _setup_logging(config.training)
-        run(config)
+        finish(run(config))
     except (ConfigError, BadRowError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2

@@ -66,6 +66,7 @@ def _launched(stage: int, argv: list[str]) -> None:
     }
     with open(f"{trainer.args.output_dir}-rank{trainer.args.process_index}.json", "w") as f:
         json.dump(report, f)
+    train.finish(trainer)
 
 
 # --- tests -------------------------------------------------------------------------------------------------------
