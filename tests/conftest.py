@@ -2,6 +2,7 @@ import os
 
 import pytest
 import torch
+from transformers import TrainerCallback
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -38,3 +39,14 @@ def processor_or_skip(family: str):
         return tiny_processor(family)
     except NotImplementedError as err:
         pytest.skip(str(err))
+
+
+class ReporterSpy(TrainerCallback):
+    """Stands where reporting integrations (TensorBoard, W&B) and the console printer stand: before the user's
+    callbacks. Records each step's ``logs`` as it saw them."""
+
+    def __init__(self) -> None:
+        self.logged: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logged.append(dict(logs))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from conftest import ReporterSpy
+from transformers import Trainer, TrainingArguments
 
 from hf_normalign.callbacks import MIRCallback
 from hf_normalign.diagnostics.metrics.mir import mir
@@ -26,17 +27,7 @@ def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {k: torch.cat([it[k] for it in items]) for k in items[0]}
 
 
-class ReporterSpy(TrainerCallback):
-    """Stands where reporting integrations (TensorBoard, W&B) stand: before user callbacks."""
-
-    def __init__(self) -> None:
-        self.logged: list[dict] = []
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        self.logged.append(dict(logs))
-
-
-def run(tmp_path, callback: MIRCallback, *, lr: float, max_steps: int, processor=None):
+def run(tmp_path, callback: MIRCallback | None, *, lr: float, max_steps: int, processor=None, logging_steps: int = 1):
     model = tiny_model("llava")
     spy = ReporterSpy()
     args = TrainingArguments(
@@ -44,7 +35,7 @@ def run(tmp_path, callback: MIRCallback, *, lr: float, max_steps: int, processor
         max_steps=max_steps,
         learning_rate=lr,
         per_device_train_batch_size=2,
-        logging_steps=1,
+        logging_steps=logging_steps,
         report_to="none",
         use_cpu=True,
         save_strategy="no",
@@ -53,7 +44,7 @@ def run(tmp_path, callback: MIRCallback, *, lr: float, max_steps: int, processor
     )
     trainer = Trainer(
         model, args, train_dataset=Rows(model), data_collator=collate, processing_class=processor,
-        callbacks=[spy, callback],
+        callbacks=[spy, callback] if callback else [spy],
     )  # fmt: skip
     trainer.train()
     return trainer, spy
@@ -73,6 +64,22 @@ def test_logs_mir_through_the_trainer(tmp_path):
     # The logged value is MIR of the trained model on the same fixed subset.
     final = mir(trainer.model, proc, num_samples=6, batch_size=4, progress=False)
     assert logged[-1]["mir"] == pytest.approx(final.mir, rel=1e-6)
+
+
+def test_mir_is_logged_with_its_steps_loss(tmp_path):
+    """Every `every_n_steps` the Trainer logs the loss too, even between `logging_steps`, and `mir` is in that
+    entry; the losses are those of a run without the callback (logged every step) averaged the same way."""
+    callback = MIRCallback(tiny_processor("llava"), every_n_steps=2, num_samples=4)
+    trainer, spy = run(tmp_path / "mir", callback, lr=1e-2, max_steps=4, logging_steps=3)
+    plain, _ = run(tmp_path / "plain", None, lr=1e-2, max_steps=4)
+    step_loss = {h["step"]: h["loss"] for h in plain.state.log_history if "loss" in h}
+    entries = {h["step"]: h for h in trainer.state.log_history if "loss" in h}
+    assert sorted(entries) == [2, 3, 4] and all("mir" in entries[step] for step in (2, 4))
+    expected = {2: (step_loss[1] + step_loss[2]) / 2, 3: step_loss[3], 4: step_loss[4]}
+    assert {step: entry["loss"] for step, entry in entries.items()} == pytest.approx(expected, rel=1e-5)
+    assert [s for s in spy.logged if "mir" in s] == [
+        {k: v for k, v in entries[step].items() if k != "step"} for step in (2, 4)
+    ]
 
 
 def test_early_stopping_when_mir_stops_improving(tmp_path):

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ALL_FAMILIES, REQUIRED_FAMILIES
+from conftest import ALL_FAMILIES, REQUIRED_FAMILIES, ReporterSpy
 from helpers import grads, make_vision_loud, vision_mask
 
 import hf_normalign as normalign
@@ -290,3 +290,28 @@ def test_callback_factors_do_not_outlive_the_training_run(tmp_path):
     logits, labels = out.logits[:, :-1], samples[0]["labels"][:, 1:]
     lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
     torch.testing.assert_close(out.loss, lm + 0.5 * out["pre_loss"])
+
+
+def test_pre_loss_is_reported_with_the_loss(tmp_path):
+    """`pre_loss` is in the step's log that reporting integrations (which the Trainer runs before user callbacks)
+    and `log_history` get: at lr 0 over both samples, the mean of the model's own `pre_loss` on each."""
+    from transformers import Trainer, TrainingArguments
+
+    model = normalign.patch(tiny_model("llava"), methods="pre")
+    samples = [tiny_batch("llava", batch_size=1, seed=s) for s in range(2)]
+    with torch.no_grad():
+        expected = sum(model(**sample)["pre_loss"].item() for sample in samples) / 2
+    args = TrainingArguments(
+        str(tmp_path), per_device_train_batch_size=1, max_steps=2, logging_steps=2, learning_rate=0.0,
+        report_to=[], save_strategy="no", remove_unused_columns=False, disable_tqdm=True,
+    )  # fmt: skip
+    collate = lambda rows: {k: torch.cat([r[k] for r in rows]) for k in rows[0]}  # noqa: E731
+    reporter = ReporterSpy()
+    trainer = Trainer(
+        model=model, args=args, train_dataset=samples, data_collator=collate,
+        callbacks=[reporter, normalign.NormAlignCallback()],
+    )  # fmt: skip
+    trainer.train()
+    (reported,) = [logs for logs in reporter.logged if "loss" in logs]
+    (stored,) = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert reported["pre_loss"] == stored["pre_loss"] == pytest.approx(expected, rel=1e-5)

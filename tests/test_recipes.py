@@ -129,11 +129,6 @@ def test_stage1_logs_pre_loss_and_mir_and_pushes(stage1):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="MIRCallback logs through Trainer.log in on_step_end; the Trainer's on_log then clears should_log, so the "
-    "loss of every MIR step goes unlogged (hf_normalign/callbacks/mir.py).",
-)
 def test_mir_steps_keep_their_loss_entry(stage1):
     output_dir, _ = stage1
     assert {e["step"] for e in history(output_dir) if "loss" in e} == set(range(1, 9))

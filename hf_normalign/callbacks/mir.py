@@ -12,13 +12,12 @@ Example:
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 from transformers import TrainerCallback
 
 from ..diagnostics import EncodedSample, MIRResult, mir, prepare_probe
-from .stack import calling_trainer
+from .step_log import add_to_step_log, run_before_reporters
 
 __all__ = ["MIRCallback"]
 
@@ -30,10 +29,10 @@ class MIRCallback(TrainerCallback):
     the start of training, so every evaluation sees the same pairs. The model runs in eval mode for
     the measurement and returns to train mode after it.
 
-    Logging goes through ``Trainer.log``, so ``mir`` (and with ``log_per_layer`` each layer's FID as
-    ``mir_fid/layer_k``) lands in ``trainer.state.log_history`` and reaches every reporting
-    integration (TensorBoard, W&B, ...). The callback finds the Trainer that calls it at
-    ``on_train_begin`` (on the call stack); call :meth:`set_trainer` to give it explicitly.
+    ``mir`` (and with ``log_per_layer`` each layer's FID as ``mir_fid/layer_k``) is logged with the
+    loss of the step it was measured at: the Trainer logs at that step even between ``logging_steps``.
+    It lands in ``trainer.state.log_history`` and reaches the console and every reporting integration
+    (TensorBoard, W&B, ...).
 
     Early stopping: with ``early_stopping_patience=p``, training stops once MIR has not improved (gone
     below the best value by more than ``min_delta``) for ``p`` consecutive evaluations. Lower MIR is
@@ -85,16 +84,10 @@ class MIRCallback(TrainerCallback):
         self.best = math.inf
         self.evaluations_without_improvement = 0
         self._samples: list[EncodedSample] | None = None
-        self._trainer: Any = None
-
-    def set_trainer(self, trainer: Any) -> MIRCallback:
-        """Log through this Trainer (otherwise the one that calls the callback is found on the call stack)."""
-        self._trainer = trainer
-        return self
+        self._unlogged: dict[str, float] = {}  # measured at this step, for the step's log
 
     def on_train_begin(self, args, state, control, processing_class=None, **kwargs):
-        if self._trainer is None:
-            self._trainer = calling_trainer()
+        run_before_reporters(self)
         if self.processor is None and hasattr(processing_class, "image_processor"):
             self.processor = processing_class
         if self._samples is None:
@@ -111,17 +104,11 @@ class MIRCallback(TrainerCallback):
             return control
         result = mir(model, None, self._samples, num_samples=None, batch_size=self.batch_size, **self.mir_kwargs)
         self.results.append((state.global_step, result))
-        logs = {"mir": result.mir}
+        self._unlogged = {"mir": result.mir}
         if self.log_per_layer:
-            logs.update({f"mir_fid/layer_{k}": fid for k, fid in zip(result.layers, result.per_layer, strict=True)})
-        if self._trainer is not None:
-            self._trainer.log(logs)
-        else:
-            warnings.warn(
-                "MIRCallback found no Trainer to log through (call set_trainer); 'mir' goes to state.log_history only",
-                stacklevel=2,
-            )
-            state.log_history.append({**logs, "step": state.global_step})
+            per_layer = zip(result.layers, result.per_layer, strict=True)
+            self._unlogged |= {f"mir_fid/layer_{k}": fid for k, fid in per_layer}
+        control.should_log = True  # on every process: the Trainer's log gathers the loss across them
         if self.early_stopping_patience is not None:
             if result.mir < self.best - self.min_delta:
                 self.best, self.evaluations_without_improvement = result.mir, 0
@@ -130,3 +117,8 @@ class MIRCallback(TrainerCallback):
             if self.evaluations_without_improvement >= self.early_stopping_patience:
                 control.should_training_stop = True
         return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and "loss" in logs and self._unlogged:
+            add_to_step_log(state, logs, self._unlogged)
+            self._unlogged = {}

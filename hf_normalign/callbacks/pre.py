@@ -7,6 +7,7 @@ from transformers import TrainerCallback
 
 from ..patching import get_plugin, set_loss_scaler
 from .stack import calling_trainer
+from .step_log import add_to_step_log, run_before_reporters
 
 
 class NormAlignCallback(TrainerCallback):
@@ -32,6 +33,7 @@ class NormAlignCallback(TrainerCallback):
         plugin = get_plugin(model) if model is not None else None
         if plugin is None:
             return
+        run_before_reporters(self)  # `pre_loss` is printed and reported with `loss`
         if plugin.config.pre is not None and args.fp16 and args.deepspeed:
             raise ValueError(
                 "PRe with DeepSpeed fp16 is not supported: DeepSpeed scales the loss with its own scaler, which "
@@ -75,12 +77,8 @@ class NormAlignCallback(TrainerCallback):
         self._step = [0.0, 0]
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        # The Trainer has already stored a copy of `logs` in `state.log_history`: update both, so
-        # `pre_loss` reaches the history and the reporting callbacks that run after this one.
         if logs is not None and "loss" in logs and self._logged[1]:
-            logs["pre_loss"] = self._logged[0] / self._logged[1]
-            if state.log_history and state.log_history[-1].get("loss") == logs["loss"]:
-                state.log_history[-1]["pre_loss"] = logs["pre_loss"]
+            add_to_step_log(state, logs, {"pre_loss": self._logged[0] / self._logged[1]})
             self._logged = [0.0, 0]
 
 

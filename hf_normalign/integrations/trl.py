@@ -143,6 +143,7 @@ class NormAlignTRLCallback(NormAlignCallback):
         return control
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        super().on_train_begin(args, state, control, model=model, optimizer=optimizer, **kwargs)
         plugin = get_plugin(model)
         if optimizer is not None:
             in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
