@@ -49,12 +49,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(script: str, path: str) -> dict:
-    """Run `script` under ``accelerate launch`` with 2 CPU processes (gloo); return the JSON it wrote to `path`."""
+def accelerate_launch(*args: str) -> subprocess.CompletedProcess:
+    """``accelerate launch`` with 2 CPU processes (gloo) of `args` (a script and its arguments, or ``-m`` and a
+    module); asserts it succeeded."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", DDP_CONFIG]
-    command += ["--main_process_port", str(_free_port()), os.path.abspath(script), str(path)]
+    command += ["--main_process_port", str(_free_port()), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+def launch(script: str, path: str) -> dict:
+    """Run `script` under :func:`accelerate_launch`; return the JSON it wrote to `path`."""
+    accelerate_launch(os.path.abspath(script), str(path))
     with open(path) as f:
         return json.load(f)

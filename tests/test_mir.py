@@ -281,6 +281,14 @@ def test_error_prompt_without_vision_tokens(llava):
 # --- command line ------------------------------------------------------------------------------------
 
 
+def test_cli_under_accelerate_launch_refuses_a_device_of_its_own(tmp_path, capsys, monkeypatch):
+    tiny_model("llava").save_pretrained(tmp_path / "m")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what accelerate launch sets; refused before any process group starts
+    assert main(["mir", str(tmp_path / "m"), "--device", "cuda:1"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "each process runs its own copy" in err and "--device cpu or cuda" in err
+
+
 def test_cli_on_a_saved_model(tmp_path, capsys):
     model, proc = tiny_model("llava", num_hidden_layers=3), tiny_processor("llava")
     model.save_pretrained(tmp_path / "m")

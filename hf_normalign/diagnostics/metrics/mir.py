@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -365,6 +366,20 @@ class _LayerView(Sequence[torch.Tensor]):
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _launched_accelerator(device: str) -> Any:
+    """The ``accelerate.Accelerator`` of an ``accelerate launch`` with several processes; None for one process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    if device not in ("cpu", "cuda"):
+        raise ValueError(
+            f"--device {device}: under accelerate launch each process runs its own copy of the model on its own "
+            "device; pass --device cpu or cuda, or leave --device out"
+        )
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=device == "cpu")
+
+
 def _main(args: argparse.Namespace) -> int:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -372,7 +387,8 @@ def _main(args: argparse.Namespace) -> int:
         print("normalign mir: --images and --texts go together", file=sys.stderr)
         return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    kwargs: dict[str, Any] = {"dtype": args.dtype, "device_map": device}
+    accelerator = _launched_accelerator(device)
+    kwargs: dict[str, Any] = {"dtype": args.dtype, "device_map": device if accelerator is None else accelerator.device}
     if args.load_in_4bit:
         from transformers import BitsAndBytesConfig
 
@@ -402,9 +418,14 @@ def _main(args: argparse.Namespace) -> int:
         seed=args.seed,
         prompt=args.prompt,
         progress=not args.no_progress,
+        accelerator=accelerator,
     )
-    print(result)
-    if args.json is not None:
-        args.json.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-        print(f"wrote {args.json}")
+    if result is not None:  # the main process
+        print(result)
+        if args.json is not None:
+            args.json.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+            print(f"wrote {args.json}")
+    if accelerator is not None:  # leave together: a process exiting with the group open aborts the launch
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
     return 0
