@@ -283,6 +283,7 @@ def test_error_prompt_without_vision_tokens(llava):
 
 def test_cli_under_accelerate_launch_refuses_a_device_of_its_own(tmp_path, capsys, monkeypatch):
     tiny_model("llava").save_pretrained(tmp_path / "m")
+    capsys.readouterr()
     monkeypatch.setenv("WORLD_SIZE", "2")  # what accelerate launch sets; refused before any process group starts
     assert main(["mir", str(tmp_path / "m"), "--device", "cuda:1"]) == 1
     err = capsys.readouterr().err
