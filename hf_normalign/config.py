@@ -11,8 +11,6 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-METHODS: tuple[str, ...] = ("projector_norm", "moca", "pre")
-
 
 def _from_dict(cls: type, data: Any) -> Any:
     if not isinstance(data, dict):
@@ -205,12 +203,15 @@ class PReConfig:
         return _from_dict(cls, {k: v for k, v in data.items() if k != "layer_numbering"})
 
 
-# Method name -> its config class; each class carries TITLE and NONE_MEANS (read by the Hub model card).
+# Method name -> its config class; each class carries TITLE and NONE_MEANS (read by the Hub model card). The
+# order is the order the methods act in at a decoder layer (MoCa before PRe), and `hf_normalign.methods.<name>`
+# is each method's module.
 METHOD_CONFIGS: dict[str, type] = {
     "projector_norm": ProjectorNormConfig,
     "moca": MoCaConfig,
     "pre": PReConfig,
 }
+METHODS: tuple[str, ...] = tuple(METHOD_CONFIGS)
 
 
 @dataclass

@@ -6,12 +6,14 @@ working under gradient checkpointing (hooks run outside the checkpointed `forwar
 wrappers (which copy or wrap the hooked modules, hooks included), quantised Linears and TRL's
 fused-loss path (which calls the inner model, so the submodule hooks still run).
 
-The hooks themselves and the per-forward flow are in `hf_normalign.hooks`.
+Each method's modules and hooks are in its module of `hf_normalign.methods`; the hooks every patched model has
+and the per-forward flow are in `hf_normalign.hooks`.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,11 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import methods as method_modules
 from .config import METHODS, NormAlignConfig
-from .hooks import prime_output_classes, register_hooks
-from .methods.moca import MoCaLayer, moca_key
-from .methods.pre import PReHead
-from .methods.projector_norm import ProjectorLayerNorm
+from .hooks import register_hooks
 from .modeling import get_base_model
 from .registry import ArchitectureSpec, embedding_scale, get_spec
 
@@ -220,44 +220,54 @@ def _resolve_config(config, methods, overrides) -> NormAlignConfig:
     return config
 
 
-def _check_layers(config: NormAlignConfig, num_layers: int) -> tuple[list[int], int | None]:
-    moca_layers: list[int] = []
-    if config.moca is not None:
-        moca_layers = list(range(num_layers)) if config.moca.layers is None else list(config.moca.layers)
-        bad = [i for i in moca_layers if not 0 <= i < num_layers]
-        if bad:
-            raise ValueError(
-                f"MoCaConfig.layers names layers {bad}, but the model has {num_layers} decoder layers "
-                f"(valid: 0..{num_layers - 1})."
-            )
-    pre_layer = None
-    if config.pre is not None:
-        pre_layer = num_layers // 2 if config.pre.layer is None else config.pre.layer
-        if not 0 <= pre_layer < num_layers:
-            raise ValueError(
-                f"PReConfig.layer={pre_layer} is out of range: the model has {num_layers} decoder layers "
-                f"(valid: 0..{num_layers - 1}; default {num_layers // 2})."
-            )
-    return moca_layers, pre_layer
+@dataclass(frozen=True)
+class PatchTarget:
+    """The model being patched, seen through its spec: what each method's ``build`` and ``attach`` get."""
 
+    base: nn.Module
+    spec: ArchitectureSpec
+    init_weights: bool  # False: the caller loads saved plugin weights next, so skip measuring the model
 
-def _device_of(module: nn.Module) -> torch.device:
-    for tensor in module.parameters():
-        if tensor.device.type == "meta":
-            raise ValueError(
-                f"{type(module).__name__} has its weights on the meta device (disk offload or an unloaded model); "
-                "plugin modules cannot be placed there. Load the model with a device_map that keeps the "
-                "projector and decoder layers on CPU/GPU."
-            )
-        return tensor.device
-    return torch.device("cpu")
+    @functools.cached_property
+    def layers(self) -> nn.ModuleList:
+        return self.spec.decoder_layers(self.base)
 
+    @property
+    def hidden_size(self) -> int:
+        return self.spec.hidden_size(self.base.config)
 
-def _projector_input_size(projector: nn.Module) -> int:
-    first = next((m for m in projector.modules() if isinstance(m, nn.Linear)), None)
-    if first is None:
-        raise ValueError("PRe anchor='encoder_output' needs a projector that starts with a Linear layer.")
-    return first.in_features
+    @property
+    def input_module(self) -> nn.Module:
+        return self.spec.get(self.base, self.spec.input_module)
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.spec.get(self.base, self.spec.language_model)
+
+    @property
+    def projector(self) -> nn.Module:
+        return self.spec.get(self.base, self.spec.projector)
+
+    @property
+    def extra_projectors(self) -> list[nn.Module]:
+        """Further projectors whose outputs reach the vision positions (Qwen3-VL's deepstack mergers)."""
+        return [module for path in self.spec.extra_projectors for module in self.spec.get(self.base, path)]
+
+    def embedding_scale(self) -> float:
+        return embedding_scale(self.base, self.spec)
+
+    @staticmethod
+    def device_of(module: nn.Module) -> torch.device:
+        """Where `module`'s weights are, for the plugin modules that act on its output."""
+        for tensor in module.parameters():
+            if tensor.device.type == "meta":
+                raise ValueError(
+                    f"{type(module).__name__} has its weights on the meta device (disk offload or an unloaded "
+                    "model); plugin modules cannot be placed there. Load the model with a device_map that keeps "
+                    "the projector and decoder layers on CPU/GPU."
+                )
+            return tensor.device
+        return torch.device("cpu")
 
 
 def _refuse_partitioned(model: nn.Module) -> None:
@@ -319,49 +329,15 @@ def patch(
         )
     spec = get_spec(base)
     spec.validate(base)
-    layers = spec.decoder_layers(base)
-    moca_layers, pre_layer = _check_layers(config, len(layers))
-    hidden = spec.hidden_size(base.config)
-
+    target = PatchTarget(base, spec, init_weights)
     plugin = NormAlignModules(config, spec)
     plugin.vision_token_ids = spec.vision_token_ids(base.config)
-    plugin.pre_layer = pre_layer
-
-    projectors = [spec.get(base, spec.projector)]
-    if config.projector_norm is not None:
-        pn = config.projector_norm
-        if pn.deepstack:
-            for path in spec.extra_projectors:
-                projectors.extend(spec.get(base, path))
-        devices = [_device_of(p) for p in projectors]  # the meta-device check first: embedding_scale reads weights
-        target = pn.target_norm
-        if target is None:
-            # Without init the gain is a placeholder the caller overwrites with saved weights.
-            target = embedding_scale(base, spec) if init_weights else 1.0
-        plugin.projector_norm = nn.ModuleList(
-            ProjectorLayerNorm(hidden, target_norm=target, gwc=pn.gwc, gwc_floor=pn.gwc_floor, eps=pn.eps).to(device)
-            for device in devices
-        )
-    if config.moca is not None:
-        generator = torch.Generator().manual_seed(0)
-        plugin.moca = nn.ModuleDict(
-            {
-                moca_key(i): MoCaLayer(hidden, init_std=config.moca.init_std, generator=generator).to(
-                    _device_of(layers[i])
-                )
-                for i in moca_layers
-            }
-        )
-    if config.pre is not None:
-        anchor_size = hidden if config.pre.anchor == "llm_input" else _projector_input_size(projectors[0])
-        head_hidden = config.pre.head_hidden_size or hidden
-        plugin.pre_head = PReHead(hidden, head_hidden, anchor_size).to(_device_of(layers[pre_layer]))
-
+    methods = [method_modules.load(name) for name in config.methods]
+    for method in methods:  # each checks its config against the model first: an error leaves the model as it was
+        method.build(plugin, target)
     plugin.train(base.training)
-    if config.pre is not None:
-        prime_output_classes(base)
     base.add_module(ATTRIBUTE, plugin)
-    register_hooks(plugin, base, spec, layers, projectors, moca_layers)
+    register_hooks(plugin, target, methods)
     return model
 
 

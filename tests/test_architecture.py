@@ -152,6 +152,23 @@ def test_family_knowledge_stays_on_the_specs():
     assert not found, f"model_type tests outside patches/: {sorted(found)}; put the difference on the spec"
 
 
+def test_every_method_is_one_config_class_and_one_module():
+    """patch() finds a method's module by its name: each holds the protocol of hf_normalign.methods, and the
+    modules vLLM loads by path import nothing from hf-normalign."""
+    from hf_normalign import methods
+    from hf_normalign.config import METHOD_CONFIGS, METHODS
+
+    assert METHODS == tuple(METHOD_CONFIGS)
+    for name in METHODS:
+        module = methods.load(name)
+        assert callable(module.build), name
+        assert hasattr(module, "at_layer") == hasattr(module, "layer_indices"), name
+    modules = _modules(PACKAGE)
+    for name in ("moca", "projector_norm"):
+        module = f"hf_normalign.methods.{name}"
+        assert not _imports(module, modules[module], modules), f"{module} must stay loadable by path"
+
+
 def test_the_walk_finds_cycles_through_lazy_imports_and_package_inits(tmp_path):
     # a -> sub.b (runs sub/__init__, which imports sub.c) and sub.c imports a inside a function: a cycle.
     root = _write(

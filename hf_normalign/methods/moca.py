@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -32,3 +34,37 @@ def moca_key(layer_idx: int) -> str:
     # The "_norm" suffix puts MoCa under the HF Trainer's no-weight-decay name pattern
     # (`_norm(?:$|\.)`); the paper trains u, v without decay.
     return f"layer_{layer_idx}_norm"
+
+
+# --- wiring (the protocol of hf_normalign.methods) ---------------------------------------------------------------
+
+
+def layer_indices(plugin: nn.Module, target: Any) -> list[int]:
+    layers = plugin.config.moca.layers
+    return list(range(len(target.layers))) if layers is None else list(layers)
+
+
+def build(plugin: nn.Module, target: Any) -> None:
+    indices, num_layers = layer_indices(plugin, target), len(target.layers)
+    bad = [i for i in indices if not 0 <= i < num_layers]
+    if bad:
+        raise ValueError(
+            f"MoCaConfig.layers names layers {bad}, but the model has {num_layers} decoder layers "
+            f"(valid: 0..{num_layers - 1})."
+        )
+    init_std = plugin.config.moca.init_std
+    generator = torch.Generator().manual_seed(0)  # the same initial u, v for every model of this size
+    plugin.moca = nn.ModuleDict(
+        {
+            moca_key(i): MoCaLayer(target.hidden_size, init_std=init_std, generator=generator).to(
+                target.device_of(target.layers[i])
+            )
+            for i in indices
+        }
+    )
+
+
+def at_layer(
+    plugin: nn.Module, layer_idx: int, hidden: torch.Tensor, vision_mask: torch.Tensor, kwargs: dict[str, Any]
+) -> torch.Tensor:
+    return plugin.moca[moca_key(layer_idx)](hidden, vision_mask)

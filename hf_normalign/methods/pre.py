@@ -1,10 +1,30 @@
-"""PRe: predictive regularisation of a middle layer's vision states (arXiv 2603.20808)."""
+"""PRe: predictive regularisation of a middle layer's vision states (arXiv 2603.20808).
+
+Per-forward flow (state in the forward's own keyword arguments, see `hf_normalign.hooks`):
+  root pre-hook       -> PRe state {"active", "labels"} (PRe runs with labels or in training)
+  input-module hook   -> the same state when the inner model is called directly (TRL's fused-loss forward)
+  LLM pre-hook        -> the anchor: the vision embeddings as the LLM receives them
+  its decoder layer   -> the loss; its gradient injected there (`InjectAuxLoss`), its value into the state
+  root post-hook      -> ``outputs.loss += weight * pre_loss`` and ``outputs["pre_loss"]``
+"""
 
 from __future__ import annotations
+
+import dataclasses
+import threading
+import typing
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.utils import ModelOutput
+from transformers.utils.import_utils import torch_compilable_check
+
+from ..hooks import VISION_MASK
+
+PRE_ANCHOR = "normalign_pre_anchor"
+PRE_STATE = "normalign_pre_state"  # {"active": bool, "labels": bool, "loss": Tensor}
 
 
 class PReHead(nn.Module):
@@ -52,3 +72,176 @@ class InjectAuxLoss(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
         (coef,) = ctx.saved_tensors
         return grad, coef.to(ctx.loss_dtype), None
+
+
+# --- wiring (the protocol of hf_normalign.methods) ---------------------------------------------------------------
+
+
+def layer_indices(plugin: nn.Module, target: Any) -> list[int]:
+    return [plugin.pre_layer]
+
+
+def build(plugin: nn.Module, target: Any) -> None:
+    config, num_layers = plugin.config.pre, len(target.layers)
+    layer = num_layers // 2 if config.layer is None else config.layer
+    if not 0 <= layer < num_layers:
+        raise ValueError(
+            f"PReConfig.layer={layer} is out of range: the model has {num_layers} decoder layers "
+            f"(valid: 0..{num_layers - 1}; default {num_layers // 2})."
+        )
+    hidden = target.hidden_size
+    anchor_size = hidden if config.anchor == "llm_input" else _projector_input_size(target.projector)
+    plugin.pre_layer = layer
+    plugin.pre_head = PReHead(hidden, config.head_hidden_size or hidden, anchor_size).to(
+        target.device_of(target.layers[layer])
+    )
+    _prime_output_classes(target.base)
+
+
+def attach(plugin: nn.Module, target: Any) -> None:
+    plugin.add_hook(target.base, "forward_pre", _root_pre_hook, with_kwargs=True)
+    plugin.add_hook(target.base, "forward", _root_post_hook, with_kwargs=True)
+    # Before the LLM pre-hook, which reads the state (the input module may be the language model itself).
+    plugin.add_hook(target.input_module, "forward_pre", _input_pre_hook, with_kwargs=True)
+    plugin.add_hook(target.language_model, "forward_pre", _language_model_pre_hook, with_kwargs=True)
+    if plugin.config.pre.anchor == "encoder_output":
+        plugin.add_hook(target.projector, "forward_pre", _projector_anchor_hook)
+
+
+def at_layer(
+    plugin: nn.Module, layer_idx: int, hidden: torch.Tensor, vision_mask: torch.Tensor, kwargs: dict[str, Any]
+) -> torch.Tensor:
+    state = kwargs.get(PRE_STATE)
+    if state is None or not state["active"]:
+        return hidden
+    loss = pre_loss(plugin.pre_head, hidden, kwargs[PRE_ANCHOR], vision_mask)
+    state["loss"] = plugin.last_pre_loss = loss.detach()
+    if torch.is_grad_enabled() and loss.requires_grad:
+        _check_loss_scaling(plugin, hidden)
+        hidden = InjectAuxLoss.apply(hidden, loss, plugin.pre_loss_coefficient(hidden.device))
+    return hidden
+
+
+def _projector_input_size(projector: nn.Module) -> int:
+    first = next((m for m in projector.modules() if isinstance(m, nn.Linear)), None)
+    if first is None:
+        raise ValueError("PRe anchor='encoder_output' needs a projector that starts with a Linear layer.")
+    return first.in_features
+
+
+def _check_loss_scaling(plugin: nn.Module, hidden: torch.Tensor) -> None:
+    device = hidden.device.type
+    fp16 = hidden.dtype == torch.float16 or (
+        torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16
+    )
+    if fp16 and not plugin.loss_scaler_declared:
+        raise RuntimeError(
+            "PRe is training in fp16, where the loss is usually scaled (GradScaler): the injected PRe gradient "
+            "must be scaled the same way or its weight silently becomes weight / scale. Declare the scaler with "
+            "`hf_normalign.set_loss_scaler(model, scaler)` (`None` if you do not scale the loss), or add "
+            "`hf_normalign.NormAlignCallback()` to an HF/TRL Trainer, which does it for you."
+        )
+
+
+# --- hooks (`ref` is a weak reference to the NormAlignModules) ---------------------------------------------------
+
+
+def _pre_state(plugin: nn.Module, labels_given: bool) -> dict[str, Any]:
+    return {"active": plugin.training or labels_given, "labels": labels_given}
+
+
+def _root_pre_hook(ref, module, args, kwargs):
+    kwargs[PRE_STATE] = _pre_state(ref(), kwargs.get("labels") is not None)
+    return args, kwargs
+
+
+def _input_pre_hook(ref, module, args, kwargs):
+    if PRE_STATE not in kwargs:  # the inner model called directly (TRL's fused-loss forward): no labels reach it
+        kwargs[PRE_STATE] = _pre_state(ref(), labels_given=False)
+    return args, kwargs
+
+
+def _root_post_hook(ref, module, args, kwargs, output):
+    plugin = ref()
+    state = kwargs.get(PRE_STATE) or {}
+    loss = state.get("loss")
+    if loss is None:
+        return None
+    # Detached: the PRe gradient is already injected at the PRe layer (see InjectAuxLoss).
+    weighted = plugin.config.pre.weight * plugin.pre_grad_scale * plugin.pre_loss_term_scale * loss
+    if isinstance(output, ModelOutput):
+        fields = dict(output.items())
+        if fields.get("loss") is not None:
+            fields["loss"] = fields["loss"] + weighted.to(fields["loss"])
+        return _with_pre_loss(type(output))(**fields, pre_loss=loss)
+    # return_dict=False: (loss, logits, ...) when labels were given; the unweighted PRe loss is appended last,
+    # where `_with_pre_loss` puts it in `to_tuple()` too.
+    output = tuple(output)
+    if state["labels"]:
+        output = (output[0] + weighted.to(output[0]), *output[1:])
+    return (*output, loss)
+
+
+# ModelOutput subclass -> the same with a declared `pre_loss` field. DDP and other code rebuild outputs from
+# their fields (`cls(**dict)`), which fails for a key set on an instance only. Filled at patch time from the
+# forward's return annotation, so a compiled forward only looks the class up.
+_PRE_OUTPUT_CLASSES: dict[type, type] = {}
+
+
+def _with_pre_loss(output_class: type[ModelOutput]) -> type[ModelOutput]:
+    cls = _PRE_OUTPUT_CLASSES.get(output_class)
+    if cls is None:
+        field = ("pre_loss", torch.Tensor | None, dataclasses.field(default=None))
+        cls = dataclasses.make_dataclass(output_class.__name__, [field], bases=(output_class,))
+        _PRE_OUTPUT_CLASSES[output_class] = cls
+    return cls
+
+
+def _prime_output_classes(model: nn.Module) -> None:
+    try:
+        annotation = typing.get_type_hints(type(model).forward).get("return")
+    except Exception:  # unresolvable annotations: the class is then made at the first eager forward
+        return
+    for candidate in typing.get_args(annotation) or (annotation,):
+        if isinstance(candidate, type) and issubclass(candidate, ModelOutput):
+            _with_pre_loss(candidate)
+
+
+# anchor="encoder_output" (an ablation): the projector is called inside the inner model without its keyword
+# arguments, so its input rows reach the language-model pre-hook through a thread-local (eager mode only).
+_encoder_anchor = threading.local()
+
+
+def _projector_anchor_hook(ref, module, args):
+    # Rows as the projector's first Linear sees them (Qwen's merger groups 4 patches a row).
+    _encoder_anchor.rows = args[0].reshape(-1, ref().pre_head.fc2.out_features).detach()
+
+
+def _language_model_pre_hook(ref, module, args, kwargs):
+    plugin = ref()
+    encoder_rows = None
+    if plugin.config.pre.anchor == "encoder_output":
+        encoder_rows, _encoder_anchor.rows = getattr(_encoder_anchor, "rows", None), None
+    state = kwargs.get(PRE_STATE)
+    embeds = kwargs.get("inputs_embeds")
+    mask = kwargs.get(VISION_MASK)
+    if state is None or not state["active"] or embeds is None or mask is None:
+        return None
+    if plugin.config.pre.anchor == "llm_input":
+        kwargs[PRE_ANCHOR] = embeds.detach()
+        return args, kwargs
+    rows = encoder_rows
+    if rows is None:
+        raise RuntimeError("PRe anchor='encoder_output' found no projector input for this forward.")
+    torch_compilable_check(
+        rows.shape[0] == mask.sum(),
+        lambda: (
+            f"PRe anchor='encoder_output': {rows.shape[0]} projector input rows but {int(mask.sum())} vision "
+            "positions. The projector must map its input rows one-to-one to vision positions; use "
+            "anchor='llm_input' for this model."
+        ),
+        RuntimeError,
+    )
+    anchor = rows.new_zeros((*mask.shape, rows.shape[-1]), dtype=torch.float32)
+    kwargs[PRE_ANCHOR] = anchor.masked_scatter(mask.unsqueeze(-1), rows.float())
+    return args, kwargs

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -47,3 +50,38 @@ class ProjectorLayerNorm(nn.LayerNorm):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, gwc={self.gwc}, gwc_floor={self.gwc_floor}"
+
+
+# --- wiring (the protocol of hf_normalign.methods) ---------------------------------------------------------------
+
+
+def _projectors(plugin: nn.Module, target: Any) -> list[nn.Module]:
+    """The main projector, then (``deepstack``, Qwen3-VL) the mergers whose outputs reach later layers."""
+    return [target.projector, *(target.extra_projectors if plugin.config.projector_norm.deepstack else [])]
+
+
+def build(plugin: nn.Module, target: Any) -> None:
+    config = plugin.config.projector_norm
+    devices = [target.device_of(p) for p in _projectors(plugin, target)]  # first: embedding_scale reads weights
+    norm = config.target_norm
+    if norm is None:
+        # Without init the gain is a placeholder the caller overwrites with saved weights.
+        norm = target.embedding_scale() if target.init_weights else 1.0
+    plugin.projector_norm = nn.ModuleList(
+        ProjectorLayerNorm(
+            target.hidden_size, target_norm=norm, gwc=config.gwc, gwc_floor=config.gwc_floor, eps=config.eps
+        ).to(device)
+        for device in devices
+    )
+
+
+def attach(plugin: nn.Module, target: Any) -> None:
+    for index, projector in enumerate(_projectors(plugin, target)):
+        plugin.add_hook(projector, "forward", functools.partial(_projector_hook, index))
+
+
+def _projector_hook(index, ref, module, args, output):
+    norm = ref().projector_norm[index]
+    if isinstance(output, torch.Tensor):
+        return norm(output)
+    return (norm(output[0]), *output[1:])
