@@ -41,9 +41,13 @@ from transformers import (
 )
 from transformers.image_utils import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
+from .registry import get_spec, supported_architectures
+from .spec import BuildRecipe, ProcessorParts
+
 __all__ = ["CHAT_TEMPLATES", "FAMILIES", "PROJECTORS", "build_from_config", "build_vlm", "materialize"]
 
-FAMILIES: tuple[str, ...] = ("llava", "llava_next", "llava_onevision")
+# The families whose spec says how to assemble them (`ArchitectureSpec.build`).
+FAMILIES: tuple[str, ...] = tuple(name for name in supported_architectures() if get_spec(name).build is not None)
 PROJECTORS: dict[str, str] = {"mlp2x_gelu": "gelu"}  # LLaVA-1.5 name -> activation between the two Linears
 # Vision encoders whose features LLaVA reads; CLIP has a CLS token (dropped by the "default" strategy).
 _VISION_TYPES: dict[str, dict[str, Any]] = {
@@ -146,6 +150,7 @@ def build_vlm(
     """
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    recipe = get_spec(family).build
     if projector not in PROJECTORS:
         raise ValueError(f"projector must be one of {sorted(PROJECTORS)}, got {projector!r}")
     if dtype is not None:
@@ -166,18 +171,18 @@ def build_vlm(
         raise ValueError(f"vision_feature_layer={vision_feature_layer} is out of range for {layers} vision layers.")
 
     tok = _tokenizer(tokenizer, language_model, lm, load_kwargs)
-    tokens = [image_token, video_token] if family == "llava_onevision" else [image_token]
+    tokens = [image_token, video_token] if recipe.video else [image_token]
     tok.add_tokens([t for t in tokens if t not in tok.get_vocab()], special_tokens=True)
     # Named special tokens: the processors read `tokenizer.image_token` before their own argument.
     tok.image_token = image_token
-    if family == "llava_onevision":
+    if recipe.video:
         tok.video_token = video_token
     if tok.pad_token is None:  # LLaVA-1.5 pads with <unk>; TRL's collators need a pad token
         tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
 
     image_size = vision.config.image_size
     pinpoints = image_grid_pinpoints or [[h * image_size, w * image_size] for h, w in _PINPOINT_TILES]
-    config = _vlm_config(family, vision.config, lm.config, tok, tokens, PROJECTORS[projector], pinpoints)
+    config = _vlm_config(family, recipe, vision.config, lm.config, tok, tokens, PROJECTORS[projector], pinpoints)
     config.vision_feature_layer = vision_feature_layer
     config.vision_feature_select_strategy = strategy
 
@@ -193,9 +198,18 @@ def build_vlm(
 
     template = chat_template or _DEFAULT_TEMPLATE.get(lm.config.model_type, "vicuna_v1")
     template = CHAT_TEMPLATES.get(template, template).replace("IMAGE_TOKEN", image_token)
-    ip = image_processor or _image_processor(family, vision.config, vtype, pinpoints)
-    processor = _processor(family, ip, tok, vision.config, vtype, strategy, image_token, video_token, template)
-    return model, processor
+    norm = {"image_mean": list(vtype["mean"]), "image_std": list(vtype["std"])}
+    parts = ProcessorParts(
+        image_processor=image_processor or recipe.image_processor(vision.config, norm, pinpoints),
+        tokenizer=tok,
+        vision_config=vision.config,
+        vision_feature_select_strategy=strategy,
+        num_additional_image_tokens=vtype["extra_tokens"],
+        image_token=image_token,
+        video_token=video_token,
+        chat_template=template,
+    )
+    return model, recipe.processor(parts)
 
 
 # --- parts -----------------------------------------------------------------------------------------------
@@ -239,6 +253,7 @@ def _tokenizer(tokenizer, language_model, lm: PreTrainedModel, load_kwargs: dict
 
 def _vlm_config(
     family: str,
+    recipe: BuildRecipe,
     vision_config: PretrainedConfig,
     text_config: PretrainedConfig,
     tok: PreTrainedTokenizerBase,
@@ -253,9 +268,9 @@ def _vlm_config(
         "projector_hidden_act": act,
         "tie_word_embeddings": bool(getattr(text_config, "tie_word_embeddings", False)),
     }
-    if family != "llava":
+    if recipe.anyres:
         kwargs["image_grid_pinpoints"] = pinpoints
-    if family == "llava_onevision":
+    if recipe.video:
         kwargs["video_token_id"] = tok.convert_tokens_to_ids(tokens[1])
     return AutoConfig.for_model(family, **kwargs)
 
@@ -284,59 +299,6 @@ def _assemble(config: PretrainedConfig, vision: PreTrainedModel, lm: PreTrainedM
     if left:
         raise RuntimeError(f"build_vlm left tensors on the meta device: {left[:5]}; this family layout is unknown.")
     return model
-
-
-def _image_processor(family: str, vision_config: PretrainedConfig, vtype: dict[str, Any], pinpoints) -> Any:
-    import transformers as tf
-
-    side = vision_config.image_size
-    norm = {"image_mean": list(vtype["mean"]), "image_std": list(vtype["std"])}
-    if family == "llava":
-        if vision_config.model_type == "siglip_vision_model":
-            return tf.SiglipImageProcessor(size={"height": side, "width": side}, **norm)
-        return tf.CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side}, **norm)
-    if family == "llava_next":
-        return tf.LlavaNextImageProcessor(
-            size={"shortest_edge": side},
-            crop_size={"height": side, "width": side},
-            image_grid_pinpoints=pinpoints,
-            **norm,
-        )
-    return tf.LlavaOnevisionImageProcessor(size={"height": side, "width": side}, image_grid_pinpoints=pinpoints, **norm)
-
-
-def _processor(family, ip, tok, vision_config, vtype, strategy, image_token, video_token, template) -> ProcessorMixin:
-    import transformers as tf
-
-    patch = vision_config.patch_size
-    if family in ("llava", "llava_next"):
-        cls = tf.LlavaProcessor if family == "llava" else tf.LlavaNextProcessor
-        return cls(
-            ip,
-            tok,
-            patch_size=patch,
-            vision_feature_select_strategy=strategy,
-            num_additional_image_tokens=vtype["extra_tokens"],
-            image_token=image_token,
-            chat_template=template,
-        )
-    try:
-        video = tf.LlavaOnevisionVideoProcessor()
-    except ImportError as err:
-        raise ImportError(
-            f"family='llava_onevision' needs torchvision for its video processor ({err}). Install torchvision, or "
-            "build family='llava_next' (the same anyres image path without video)."
-        ) from err
-    return tf.LlavaOnevisionProcessor(
-        ip,
-        tok,
-        video,
-        num_image_tokens=(vision_config.image_size // patch) ** 2,
-        vision_feature_select_strategy=strategy,
-        image_token=image_token,
-        video_token=video_token,
-        chat_template=template,
-    )
 
 
 # --- recipes ---------------------------------------------------------------------------------------------

@@ -34,10 +34,10 @@ def supported_architectures() -> list[str]:
 
 
 def get_spec(model_or_config) -> ArchitectureSpec:
-    """The spec for a model or config; a clear error for anything unsupported."""
+    """The spec for a model, a config or a `model_type`; a clear error for anything unsupported."""
     _load_builtin_specs()
     config = getattr(model_or_config, "config", model_or_config)
-    model_type = getattr(config, "model_type", None)
+    model_type = config if isinstance(config, str) else getattr(config, "model_type", None)
     if model_type in _REGISTRY:
         return _REGISTRY[model_type]
     if isinstance(model_or_config, nn.Module) and not hasattr(config, "vision_config"):

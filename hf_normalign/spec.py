@@ -7,7 +7,7 @@ resolved at call time, so wrappers that swap a module (PEFT's `modules_to_save`)
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +53,38 @@ class TinyRecipe:
     vision_cls: bool = False
 
 
+@dataclass(frozen=True)
+class ProcessorParts:
+    """What a :class:`BuildRecipe`'s ``processor`` builds the family's processor from."""
+
+    image_processor: Any
+    tokenizer: Any
+    vision_config: Any
+    vision_feature_select_strategy: str
+    num_additional_image_tokens: int  # 1 for CLIP's CLS token, 0 for SigLIP
+    image_token: str
+    video_token: str
+    chat_template: str
+
+
+@dataclass(frozen=True)
+class BuildRecipe:
+    """How :func:`hf_normalign.build_vlm` assembles a VLM of this family from a vision encoder and a causal LM.
+
+    Args:
+        image_processor: ``(vision_config, normalisation, pinpoints) -> image processor``; ``normalisation`` is
+            the encoder's ``{"image_mean": ..., "image_std": ...}``, ``pinpoints`` the anyres resolutions.
+        processor: ``(ProcessorParts) -> processor``.
+        anyres: the config takes ``image_grid_pinpoints`` (and the model an ``image_newline``).
+        video: the family has a video placeholder too (``video_token_id``, the tokenizer's ``video_token``).
+    """
+
+    image_processor: Callable[[Any, dict[str, list[float]], list[list[int]]], Any]
+    processor: Callable[[ProcessorParts], Any]
+    anyres: bool = False
+    video: bool = False
+
+
 VISION_GRIDS: tuple[str, ...] = ("square", "overview_tile")
 
 
@@ -76,6 +108,7 @@ class ArchitectureSpec:
             ``"square"`` (a square count of tokens is one row-major grid) or ``"overview_tile"`` (an overview
             tile of (image_size / patch_size)^2 tokens first, then high-res tiles: LLaVA-NeXT / OneVision).
         tiny: the recipe `hf_normalign.testing` builds tiny models of this family from (built-in families).
+        build: how `build_vlm` assembles this family from parts; None: it cannot.
 
     Example:
         >>> spec = ArchitectureSpec(
@@ -97,6 +130,7 @@ class ArchitectureSpec:
     lm_head: str = "lm_head"
     vision_grid: str = "square"
     tiny: TinyRecipe | None = field(default=None, compare=False, repr=False)
+    build: BuildRecipe | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.vision_grid not in VISION_GRIDS:

@@ -2,6 +2,7 @@
 
 from hf_normalign.spec import ArchitectureSpec, TinyRecipe
 
+from ._build import LLAVA_ONEVISION_BUILD
 from ._layouts import LLAVA_STYLE
 from ._tiny import IMAGE_ID, IMAGE_SPECIALS, PINPOINTS, VIDEO_ID, VIT, text
 
@@ -10,6 +11,7 @@ SPEC = ArchitectureSpec(
     **LLAVA_STYLE,
     vision_grid="overview_tile",
     video_token_attr="video_token_id",
+    build=LLAVA_ONEVISION_BUILD,
     tiny=TinyRecipe(
         config={
             "text_config": text("qwen2"),
