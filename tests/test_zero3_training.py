@@ -25,12 +25,12 @@ from safetensors.torch import load_file
 
 pytest.importorskip("deepspeed")
 
-import hf_normalign as normalign  # noqa: E402
-from hf_normalign.patching import get_plugin  # noqa: E402
+import hf_normalign as normalign
+from hf_normalign.patching import get_plugin
 
 # isort: split
-from hf_normalign.recipes import train  # noqa: E402
-from hf_normalign.recipes.make_tiny_data import make_tiny_data  # noqa: E402
+from hf_normalign.recipes import train
+from hf_normalign.recipes.make_tiny_data import make_tiny_data
 
 ZERO3_CONFIG = os.path.join(train.CONFIG_DIR, os.pardir, "accelerate", "deepspeed_zero3_cpu.yaml")
 # MoCa starts far from the identity: were its hooks skipped inside the engine, the very first loss would differ.
