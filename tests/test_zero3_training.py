@@ -87,13 +87,12 @@ def _argv(model, data, out, batch_size: int, **options) -> list[str]:
     return [item for key, value in values.items() for item in (f"--{key}", str(value))]
 
 
-def _zero3_run(stage: int, argv: list[str]) -> None:
+def _zero3_run(stage: int, argv: list[str], *launch_options: str) -> subprocess.CompletedProcess:
     """Two ZeRO-3 processes, half the per-device batch each: the same global batch as one process."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", ZERO3_CONFIG]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", ZERO3_CONFIG, *launch_options]
     command += ["--main_process_port", str(_free_port()), os.path.abspath(__file__), str(stage), *argv]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +105,8 @@ def runs(tmp_path_factory):
     for stage, options in ((1, {"normalign_config": STAGE1_SETTINGS}), (2, {"learning_rate": 1e-3})):
         single, zero3 = root / f"single{stage}", root / f"zero3{stage}"
         assert train.main(_argv(model, data, single, 4, **options), stage=stage) == 0
-        _zero3_run(stage, _argv(model, data, zero3, 2, **options))
+        done = _zero3_run(stage, _argv(model, data, zero3, 2, **options))
+        assert done.returncode == 0, done.stderr[-4000:]
         result[stage] = single, zero3
         model = root / "single1"
     return result
@@ -166,6 +166,20 @@ def test_zero3_checkpoint_loads_as_an_aligned_model(runs):
     batch = tiny_batch(a)
     with torch.no_grad():
         torch.testing.assert_close(b(**batch).logits, a(**batch).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_zero3_save_without_gathering_refuses(runs, tmp_path):
+    """Without the 16-bit gathered save the Trainer hands save_pretrained no weights, and the plugin holds only
+    ZeRO-3 placeholders: the save fails naming the fix instead of writing 0-element plugin weights."""
+    data = runs[1][0].parent / "tiny"
+    out = tmp_path / "zero3"
+    argv = _argv(data / "model", data / "data.json", out, 2, normalign_config=STAGE1_SETTINGS)
+    done = _zero3_run(1, argv, "--zero3_save_16bit_model", "false")
+    assert done.returncode != 0
+    assert "are empty, as DeepSpeed ZeRO-3 leaves partitioned parameters" in done.stderr
+    assert "zero3_save_16bit_model: true" in done.stderr
+    assert not list(out.rglob("normalign.safetensors"))
 
 
 if __name__ == "__main__":
