@@ -26,7 +26,8 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -484,12 +485,35 @@ def load_model(config: RecipeConfig) -> torch.nn.Module:
         kwargs["quantization_config"] = bnb_config(4, config.model.model_name_or_path)
         if config.model.dtype == "auto":
             kwargs["dtype"] = torch.bfloat16
-    model = AutoModelForImageTextToText.from_pretrained(config.model_source, **kwargs)
+    with _whole_under_zero3(config.training):
+        model = AutoModelForImageTextToText.from_pretrained(config.model_source, **kwargs)
     if config.model_source != config.model.model_name_or_path:  # record the model, not the checkpoint, as base
         model.name_or_path = model.config._name_or_path = config.model.model_name_or_path
     if config.normalign_config is not None:
         normalign.patch(model, config.normalign_config)
     return model
+
+
+@contextmanager
+def _whole_under_zero3(training_args: TrainingArguments) -> Iterator[None]:
+    """Honour accelerate's ``zero3_init_flag: false``: load the model whole, so that it can be patched.
+
+    Under ``accelerate launch`` with DeepSpeed, TrainingArguments registers transformers' ZeRO-3 config whatever
+    the flag says, and ``from_pretrained`` then builds the model partitioned under ``deepspeed.zero.Init``
+    (empty placeholders, which ``normalign.patch`` refuses); accelerate's ``zero3_init_context_manager(False)``
+    does nothing when the flag is already false. The config is put back afterwards for the Trainer's engine.
+    """
+    plugin = training_args.deepspeed_plugin
+    if plugin is None or plugin.zero3_init_flag:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
 
 
 def projector_paths(model: torch.nn.Module) -> list[str]:

@@ -37,6 +37,7 @@ def write_files(
     # identical files (reproducible, and deduplicated on the Hub). The version lives in the config file.
     metadata = {"format": "pt"}
     files = {WEIGHTS_NAME: plugin_state, **({MODULES_NAME: module_state} if module_state else {})}
+    _refuse_empty(files)
     hashes = {}
     for name, state in files.items():
         path = os.path.join(directory, name)
@@ -46,6 +47,22 @@ def write_files(
     file_operation("write", os.path.join(directory, CONFIG_NAME))
     with open(os.path.join(directory, CONFIG_NAME), "w", encoding="utf-8") as f:
         f.write(json.dumps(dataclasses.replace(info, sha256=hashes).to_dict(), indent=2) + "\n")
+
+
+def _refuse_empty(files: dict[str, dict[str, torch.Tensor]]) -> None:
+    """DeepSpeed ZeRO-3 leaves empty placeholders in the modules outside a forward; without a gathered state dict
+    (the Trainer passes none when ``stage3_gather_16bit_weights_on_model_save`` is false) they would be written as
+    0-element weights: a checkpoint that looks aligned and is not."""
+    empty = sorted(
+        f"{name}: {key}" for name, state in files.items() for key, value in state.items() if not value.numel()
+    )
+    if empty:
+        raise ValueError(
+            f"cannot save the hf-normalign weights: {empty[:3]} ... are empty, as DeepSpeed ZeRO-3 leaves partitioned "
+            "parameters outside a forward. Let the save gather them: accelerate `zero3_save_16bit_model: true` "
+            "(DeepSpeed config `stage3_gather_16bit_weights_on_model_save: true`), as "
+            "recipes/accelerate/deepspeed_zero3.yaml sets."
+        )
 
 
 def save_pretrained(
