@@ -276,9 +276,10 @@ def _refuse_partitioned(model: nn.Module) -> None:
     if any(hasattr(p, "ds_id") and p.numel() == 0 for p in model.parameters()):
         raise ValueError(
             "this model's parameters are partitioned by DeepSpeed ZeRO-3 (built under deepspeed.zero.Init: empty "
-            "placeholders with ds_id), so it cannot be patched. Load it whole (accelerate: zero3_init_flag: false, "
-            "as recipes/accelerate/deepspeed_zero3.yaml sets), patch, then let the Trainer / deepspeed.initialize "
-            "partition it."
+            "placeholders with ds_id), so it cannot be patched. Load it whole, patch, then let the Trainer / "
+            "deepspeed.initialize partition it: in a script, load and patch before creating the TrainingArguments "
+            "(transformers builds models loaded after them partitioned); hf-normalign's recipes do it with "
+            "accelerate's zero3_init_flag: false (recipes/accelerate/deepspeed_zero3.yaml)."
         )
 
 

@@ -1,7 +1,10 @@
-"""Two-process runs of diagnostics for the tests: the launched side and the launching side.
+"""Multi-process runs for the tests: launching under ``accelerate launch`` (2 CPU processes, gloo), the launched
+side of the diagnostics comparisons, and the comparisons of a distributed training run with one process.
 
-A test module that is also run as a script (by ``accelerate launch``) calls :func:`compare_in_processes` from its
-``__main__`` block; its fixture calls :func:`launch` with its own path."""
+A diagnostics test module that is also run as a script calls :func:`compare_in_processes` from its ``__main__``
+block; its fixture calls :func:`launch` with its own path. The training tests (DDP, FSDP, ZeRO-3) launch
+themselves or the recipe with :func:`accelerate_launch` and compare with :func:`assert_same_saved_weights` and
+:func:`assert_loads_like`."""
 
 import json
 import os
@@ -9,8 +12,12 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
-DDP_CONFIG = os.path.join(os.path.dirname(__file__), os.pardir, "recipes", "accelerate", "ddp_cpu.yaml")
+import torch
+from safetensors.torch import load_file
+
+ACCELERATE_CONFIGS = os.path.join(os.path.dirname(__file__), os.pardir, "recipes", "accelerate")
 
 
 def compare_in_processes(path: str, cases: dict[str, Callable]) -> None:
@@ -38,25 +45,26 @@ def compare_in_processes(path: str, cases: dict[str, Callable]) -> None:
     # Leave together and close the group: a rank that exits while the other still computes aborts in gloo's
     # teardown ("terminate called without an active exception"), which failed the launch now and then.
     accelerator.wait_for_everyone()
-    import torch.distributed
-
-    torch.distributed.destroy_process_group()
+    accelerator.end_training()
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def accelerate_launch(*args: str) -> subprocess.CompletedProcess:
-    """``accelerate launch`` with 2 CPU processes (gloo) of `args` (a script and its arguments, or ``-m`` and a
-    module); asserts it succeeded."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", DDP_CONFIG]
-    command += ["--main_process_port", str(_free_port()), *args]
+def accelerate_launch(
+    *args: str, config: str = "ddp_cpu.yaml", options: tuple[str, ...] = (), check: bool = True
+) -> subprocess.CompletedProcess:
+    """``accelerate launch`` of `args` (a script and its arguments, or ``-m`` and a module) with
+    ``recipes/accelerate/<config>`` (2 CPU processes) and launcher `options`; asserts success when `check`."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+    command += [os.path.join(ACCELERATE_CONFIGS, config), *options, "--main_process_port", str(free_port()), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    if check:
+        assert done.returncode == 0, done.stderr[-4000:]
     return done
 
 
@@ -65,3 +73,65 @@ def launch(script: str, path: str) -> dict:
     accelerate_launch(os.path.abspath(script), str(path))
     with open(path) as f:
         return json.load(f)
+
+
+# --- training runs ------------------------------------------------------------------------------------------------
+
+
+def recipe_argv(model, data, out, batch_size: int, **options) -> list[str]:
+    """A 4-step recipe run of the tiny data, checkpoint at the end; `options` add or override arguments."""
+    values = {
+        "model_name_or_path": model,
+        "data_path": data,
+        "output_dir": out,
+        "use_cpu": "true",
+        "per_device_train_batch_size": batch_size,
+        "max_steps": 4,
+        "save_steps": 4,
+        "logging_steps": 1,
+        "disable_tqdm": "true",
+        "seed": 0,
+    } | options
+    return [item for key, value in values.items() for item in (f"--{key}", str(value))]
+
+
+def logged(output_dir, key: str, checkpoint: str = "checkpoint-4") -> list[float]:
+    """The per-step values of `key` in a run's log history (the final summary entry left out)."""
+    with open(os.path.join(output_dir, checkpoint, "trainer_state.json")) as f:
+        entries = json.load(f)["log_history"]
+    return [e[key] for e in entries if key in e and "train_runtime" not in e]
+
+
+def rank_reports(output_dir) -> list[dict]:
+    """What each of the two launched processes wrote to ``<output_dir>-rank<i>.json``."""
+    reports = []
+    for rank in (0, 1):
+        with open(f"{output_dir}-rank{rank}.json") as f:
+            reports.append(json.load(f))
+    return reports
+
+
+def assert_same_saved_weights(single: Path, other: Path, atol: float = 1e-6) -> None:
+    """The plugin and model weights two runs saved are equal to `atol`."""
+    for name in ("normalign.safetensors", "model.safetensors"):
+        expected, got = load_file(single / name), load_file(other / name)
+        assert expected.keys() == got.keys(), name
+        for key, value in expected.items():
+            torch.testing.assert_close(got[key], value, rtol=0, atol=atol, msg=f"{name}: {key}")
+
+
+def assert_loads_like(single: Path, other: Path) -> None:
+    """``normalign.from_pretrained`` of `other` gives the model of `single`: the same trained plugin and logits."""
+    import hf_normalign as normalign
+    from hf_normalign.patching import get_plugin
+    from hf_normalign.testing import tiny_batch
+
+    a, b = normalign.from_pretrained(single).eval(), normalign.from_pretrained(other).eval()
+    plugin_a, plugin_b = get_plugin(a).state_dict(), get_plugin(b).state_dict()
+    assert plugin_a.keys() == plugin_b.keys()
+    assert not torch.equal(plugin_b["moca.layer_0_norm.scale"], torch.ones_like(plugin_b["moca.layer_0_norm.scale"]))
+    for key in plugin_a:
+        torch.testing.assert_close(plugin_b[key], plugin_a[key], rtol=0, atol=1e-6)
+    batch = tiny_batch(a)
+    with torch.no_grad():
+        torch.testing.assert_close(b(**batch).logits, a(**batch).logits, rtol=1e-5, atol=1e-5)

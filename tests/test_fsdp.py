@@ -10,23 +10,25 @@ and torch's own code::
 """
 
 import json
-import os
-import socket
-import subprocess
 import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from distributed import (
+    accelerate_launch,
+    assert_loads_like,
+    assert_same_saved_weights,
+    logged,
+    rank_reports,
+    recipe_argv,
+)
 
-import hf_normalign as normalign
 from hf_normalign.patching import get_plugin
 
 # isort: split
 from hf_normalign.recipes import train
 from hf_normalign.recipes.make_tiny_data import make_tiny_data
 
-FSDP_CONFIG = os.path.join(train.CONFIG_DIR, os.pardir, "accelerate", "fsdp_cpu.yaml")
 # MoCa starts far from the identity: were its hooks skipped inside the FSDP-wrapped decoder layers, the very first
 # loss would differ from the single-process run's.
 STAGE1_SETTINGS = json.dumps({"projector_norm": True, "moca": {"init_std": 0.5}, "pre": True})
@@ -72,37 +74,6 @@ def _launched(stage: int, argv: list[str]) -> None:
 # --- tests -------------------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _argv(model, data, out, batch_size: int, **options) -> list[str]:
-    values = {
-        "model_name_or_path": model,
-        "data_path": data,
-        "output_dir": out,
-        "use_cpu": "true",
-        "per_device_train_batch_size": batch_size,
-        "max_steps": 4,
-        "save_steps": 4,
-        "logging_steps": 1,
-        "disable_tqdm": "true",
-        "seed": 0,
-    } | options
-    return [item for key, value in values.items() for item in (f"--{key}", str(value))]
-
-
-def _fsdp_run(stage: int, argv: list[str]) -> None:
-    """Two FSDP processes, half the per-device batch each: the same global batch as one process."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", FSDP_CONFIG]
-    command += ["--main_process_port", str(_free_port()), os.path.abspath(__file__), str(stage), *argv]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """{stage: (single-process output, FSDP output)}; stage 2 (full) starts from the single-process stage 1."""
@@ -112,28 +83,19 @@ def runs(tmp_path_factory):
     result = {}
     for stage, options in ((1, {"normalign_config": STAGE1_SETTINGS}), (2, {"learning_rate": 1e-3})):
         single, fsdp = root / f"single{stage}", root / f"fsdp{stage}"
-        assert train.main(_argv(model, data, single, 4, **options), stage=stage) == 0
-        _fsdp_run(stage, _argv(model, data, fsdp, 2, **options))
+        assert train.main(recipe_argv(model, data, single, 4, **options), stage=stage) == 0
+        # Two FSDP processes, half the per-device batch each: the same global batch as one process.
+        accelerate_launch(__file__, str(stage), *recipe_argv(model, data, fsdp, 2, **options), config="fsdp_cpu.yaml")
         result[stage] = single, fsdp
         model = root / "single1"
     return result
-
-
-def _log(output_dir, key: str) -> list[float]:
-    with open(os.path.join(output_dir, "checkpoint-4", "trainer_state.json")) as f:
-        entries = json.load(f)["log_history"]
-    return [e[key] for e in entries if key in e and "train_runtime" not in e]
-
-
-def _ranks(output_dir) -> list[dict]:
-    return [json.load(open(f"{output_dir}-rank{rank}.json")) for rank in (0, 1)]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2])
 def test_fsdp_shards_the_plugin_in_fp32(runs, stage):
     """The plugin is part of the FSDP2 root unit: each rank holds half of every plugin parameter, in fp32."""
-    for report in _ranks(runs[stage][1]):
+    for report in rank_reports(runs[stage][1]):
         assert report["distributed_type"] == "DistributedType.FSDP"
         assert report["model_class"].startswith("FSDP")  # fully_shard swaps in an FSDP subclass
         assert report["plugin_sharded"] and report["plugin_dtypes"] == ["torch.float32"]
@@ -145,38 +107,23 @@ def test_fsdp_shards_the_plugin_in_fp32(runs, stage):
 def test_fsdp_trains_like_one_process(runs, stage):
     """Gradient norm per step and the saved weights (gathered on rank 0) equal one process's: the updates match."""
     single, fsdp = runs[stage]
-    expected, got = _log(single, "grad_norm"), _log(fsdp, "grad_norm")
+    expected, got = logged(single, "grad_norm"), logged(fsdp, "grad_norm")
     assert len(got) == 4
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
-    for name in ("normalign.safetensors", "model.safetensors"):
-        expected, got = load_file(single / name), load_file(fsdp / name)
-        assert expected.keys() == got.keys()
-        for key, value in expected.items():
-            torch.testing.assert_close(got[key], value, rtol=0, atol=1e-6, msg=f"{name}: {key}")
+    assert_same_saved_weights(single, fsdp)
 
 
 @pytest.mark.slow
 def test_fsdp_logs_like_one_process(runs):
     single, fsdp = runs[1]
     for key in ("loss", "pre_loss"):
-        torch.testing.assert_close(_log(fsdp, key), _log(single, key), rtol=1e-5, atol=0, msg=key)
+        torch.testing.assert_close(logged(fsdp, key), logged(single, key), rtol=1e-5, atol=0, msg=key)
 
 
 @pytest.mark.slow
 def test_fsdp_checkpoint_loads_as_an_aligned_model(runs):
     """``normalign.from_pretrained`` of the FSDP output gives the single-process model: same plugin, same logits."""
-    single, fsdp = runs[1]
-    a, b = normalign.from_pretrained(single).eval(), normalign.from_pretrained(fsdp).eval()
-    plugin_a, plugin_b = get_plugin(a).state_dict(), get_plugin(b).state_dict()
-    assert plugin_a.keys() == plugin_b.keys()
-    assert not torch.equal(plugin_b["moca.layer_0_norm.scale"], torch.ones_like(plugin_b["moca.layer_0_norm.scale"]))
-    for key in plugin_a:
-        torch.testing.assert_close(plugin_b[key], plugin_a[key], rtol=0, atol=1e-6)
-    from hf_normalign.testing import tiny_batch
-
-    batch = tiny_batch(a)
-    with torch.no_grad():
-        torch.testing.assert_close(b(**batch).logits, a(**batch).logits, rtol=1e-5, atol=1e-5)
+    assert_loads_like(*runs[1])
 
 
 if __name__ == "__main__":

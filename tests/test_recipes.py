@@ -2,8 +2,6 @@
 
 import json
 import os
-import socket
-import subprocess
 import sys
 from types import SimpleNamespace
 
@@ -11,6 +9,7 @@ import pytest
 import torch
 import yaml
 from conftest import REQUIRED_FAMILIES
+from distributed import accelerate_launch, assert_same_saved_weights
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
 
@@ -233,25 +232,11 @@ def test_interrupted_then_resumed_run_equals_uninterrupted(workspace, tmp_path, 
 
 # --- multi-process -----------------------------------------------------------------------------------------------
 
-ACCELERATE_CONFIG = os.path.join(train.CONFIG_DIR, os.pardir, "accelerate", "ddp_cpu.yaml")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _ddp_run(workspace, output_dir, methods):
-    """`accelerate launch` with two CPU processes (gloo), 2 rows each: the same global batch of 4.
-
-    The launched script is this file (its ``__main__`` block runs the stage-1 entry point)."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", ACCELERATE_CONFIG]
-    command += ["--main_process_port", str(_free_port()), os.path.abspath(__file__)]
-    command += argv(workspace, output_dir, methods=methods, per_device_train_batch_size=2)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
+    """Two CPU processes, 2 rows each: the same global batch of 4. The launched script is this file (its
+    ``__main__`` block runs the stage-1 entry point)."""
+    accelerate_launch(__file__, *argv(workspace, output_dir, methods=methods, per_device_train_batch_size=2))
 
 
 @pytest.fixture(scope="module")
@@ -266,13 +251,6 @@ def ddp_runs(workspace, tmp_path_factory):
     return runs
 
 
-def _assert_same_weights(single, ddp):
-    for name in ("normalign.safetensors", "model.safetensors"):
-        expected, got = load_file(single / name), load_file(ddp / name)
-        for key, value in expected.items():
-            torch.testing.assert_close(got[key], value, rtol=0, atol=1e-6, msg=f"{name}: {key}")
-
-
 @pytest.mark.slow
 def test_ddp_loss_trajectory_matches_single_process(ddp_runs):
     """Measured: relative loss differences <= 2e-7 and weight differences <= 6e-8 (gradient all-reduce order)."""
@@ -280,7 +258,7 @@ def test_ddp_loss_trajectory_matches_single_process(ddp_runs):
     assert len(losses(ddp)) == 6
     torch.testing.assert_close(losses(ddp), losses(single), rtol=1e-5, atol=0)
     torch.testing.assert_close(losses(ddp, "grad_norm"), losses(single, "grad_norm"), rtol=1e-5, atol=0)
-    _assert_same_weights(single, ddp)
+    assert_same_saved_weights(single, ddp)
 
 
 @pytest.mark.slow
@@ -288,7 +266,7 @@ def test_ddp_with_pre_trains_like_single_process(ddp_runs):
     """With PRe the updates match too (gradient norms, final weights); the logged losses: see the next test."""
     single, ddp = ddp_runs["projector_norm,moca,pre"]
     torch.testing.assert_close(losses(ddp, "grad_norm"), losses(single, "grad_norm"), rtol=1e-5, atol=0)
-    _assert_same_weights(single, ddp)
+    assert_same_saved_weights(single, ddp)
 
 
 @pytest.mark.slow

@@ -3,12 +3,12 @@ naming the fix (runs where deepspeed is installed: its CPU accelerator, one gloo
 empty placeholders ZeRO-3 leaves in the plugin outside a forward (training under ZeRO-3: test_zero3_training.py)."""
 
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
+from distributed import free_port
 
 import hf_normalign as normalign
 from hf_normalign.patching import get_plugin
@@ -29,17 +29,11 @@ def _launched() -> None:
     del keep
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_patch_refuses_a_zero3_partitioned_model():
     pytest.importorskip("deepspeed")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1"]
-    command += ["--master_port", str(_free_port()), os.path.abspath(__file__)]
+    command += ["--master_port", str(free_port()), os.path.abspath(__file__)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-4000:]

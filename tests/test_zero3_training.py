@@ -14,25 +14,28 @@ of a real model are::
 """
 
 import json
-import os
-import socket
-import subprocess
 import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from distributed import (
+    accelerate_launch,
+    assert_loads_like,
+    assert_same_saved_weights,
+    logged,
+    rank_reports,
+    recipe_argv,
+)
 
 pytest.importorskip("deepspeed")
 
-import hf_normalign as normalign
 from hf_normalign.patching import get_plugin
 
 # isort: split
 from hf_normalign.recipes import train
 from hf_normalign.recipes.make_tiny_data import make_tiny_data
 
-ZERO3_CONFIG = os.path.join(train.CONFIG_DIR, os.pardir, "accelerate", "deepspeed_zero3_cpu.yaml")
+ZERO3_CONFIG = "deepspeed_zero3_cpu.yaml"
 # MoCa starts far from the identity: were its hooks skipped inside the engine, the very first loss would differ.
 STAGE1_SETTINGS = json.dumps({"projector_norm": True, "moca": {"init_std": 0.5}, "pre": True})
 
@@ -65,36 +68,6 @@ def _launched(stage: int, argv: list[str]) -> None:
 # --- tests -------------------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _argv(model, data, out, batch_size: int, **options) -> list[str]:
-    values = {
-        "model_name_or_path": model,
-        "data_path": data,
-        "output_dir": out,
-        "use_cpu": "true",
-        "per_device_train_batch_size": batch_size,
-        "max_steps": 4,
-        "save_steps": 4,
-        "logging_steps": 1,
-        "disable_tqdm": "true",
-        "seed": 0,
-    } | options
-    return [item for key, value in values.items() for item in (f"--{key}", str(value))]
-
-
-def _zero3_run(stage: int, argv: list[str], *launch_options: str) -> subprocess.CompletedProcess:
-    """Two ZeRO-3 processes, half the per-device batch each: the same global batch as one process."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", ZERO3_CONFIG, *launch_options]
-    command += ["--main_process_port", str(_free_port()), os.path.abspath(__file__), str(stage), *argv]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """{stage: (single-process output, ZeRO-3 output)}; stage 2 (full) starts from the single-process stage 1."""
@@ -104,29 +77,19 @@ def runs(tmp_path_factory):
     result = {}
     for stage, options in ((1, {"normalign_config": STAGE1_SETTINGS}), (2, {"learning_rate": 1e-3})):
         single, zero3 = root / f"single{stage}", root / f"zero3{stage}"
-        assert train.main(_argv(model, data, single, 4, **options), stage=stage) == 0
-        done = _zero3_run(stage, _argv(model, data, zero3, 2, **options))
-        assert done.returncode == 0, done.stderr[-4000:]
+        assert train.main(recipe_argv(model, data, single, 4, **options), stage=stage) == 0
+        # Two ZeRO-3 processes, half the per-device batch each: the same global batch as one process.
+        accelerate_launch(__file__, str(stage), *recipe_argv(model, data, zero3, 2, **options), config=ZERO3_CONFIG)
         result[stage] = single, zero3
         model = root / "single1"
     return result
-
-
-def _log(output_dir, key: str) -> list[float]:
-    with open(os.path.join(output_dir, "checkpoint-4", "trainer_state.json")) as f:
-        entries = json.load(f)["log_history"]
-    return [e[key] for e in entries if key in e and "train_runtime" not in e]
-
-
-def _ranks(output_dir) -> list[dict]:
-    return [json.load(open(f"{output_dir}-rank{rank}.json")) for rank in (0, 1)]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2])
 def test_zero3_partitions_the_plugin_in_fp32(runs, stage):
     """The plugin is trained inside a ZeRO-3 engine: each rank holds half of it, in fp32, and releases it."""
-    for report in _ranks(runs[stage][1]):
+    for report in rank_reports(runs[stage][1]):
         assert report["distributed_type"] == "DistributedType.DEEPSPEED"
         assert report["engine"] == "DeepSpeedEngine" and report["zero_stage"] == 3
         assert report["plugin_partitioned"] and report["plugin_released"]
@@ -141,31 +104,16 @@ def test_zero3_trains_like_one_process(runs, stage):
     process's: the updates match, the plugin included."""
     single, zero3 = runs[stage]
     for key in ("grad_norm", "loss", "pre_loss"):
-        expected, got = _log(single, key), _log(zero3, key)
+        expected, got = logged(single, key), logged(zero3, key)
         assert len(got) == 4, key
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=0, msg=key)
-    for name in ("normalign.safetensors", "model.safetensors"):
-        expected, got = load_file(single / name), load_file(zero3 / name)
-        assert expected.keys() == got.keys()
-        for key, value in expected.items():
-            torch.testing.assert_close(got[key], value, rtol=0, atol=1e-6, msg=f"{name}: {key}")
+    assert_same_saved_weights(single, zero3)
 
 
 @pytest.mark.slow
 def test_zero3_checkpoint_loads_as_an_aligned_model(runs):
     """``normalign.from_pretrained`` of the ZeRO-3 output gives the single-process model: same plugin and logits."""
-    single, zero3 = runs[1]
-    a, b = normalign.from_pretrained(single).eval(), normalign.from_pretrained(zero3).eval()
-    plugin_a, plugin_b = get_plugin(a).state_dict(), get_plugin(b).state_dict()
-    assert plugin_a.keys() == plugin_b.keys()
-    assert not torch.equal(plugin_b["moca.layer_0_norm.scale"], torch.ones_like(plugin_b["moca.layer_0_norm.scale"]))
-    for key in plugin_a:
-        torch.testing.assert_close(plugin_b[key], plugin_a[key], rtol=0, atol=1e-6)
-    from hf_normalign.testing import tiny_batch
-
-    batch = tiny_batch(a)
-    with torch.no_grad():
-        torch.testing.assert_close(b(**batch).logits, a(**batch).logits, rtol=1e-5, atol=1e-5)
+    assert_loads_like(*runs[1])
 
 
 @pytest.mark.slow
@@ -174,8 +122,9 @@ def test_zero3_save_without_gathering_refuses(runs, tmp_path):
     ZeRO-3 placeholders: the save fails naming the fix instead of writing 0-element plugin weights."""
     data = runs[1][0].parent / "tiny"
     out = tmp_path / "zero3"
-    argv = _argv(data / "model", data / "data.json", out, 2, normalign_config=STAGE1_SETTINGS)
-    done = _zero3_run(1, argv, "--zero3_save_16bit_model", "false")
+    argv = recipe_argv(data / "model", data / "data.json", out, 2, normalign_config=STAGE1_SETTINGS)
+    options = ("--zero3_save_16bit_model", "false")
+    done = accelerate_launch(__file__, "1", *argv, config=ZERO3_CONFIG, options=options, check=False)
     assert done.returncode != 0
     assert "are empty, as DeepSpeed ZeRO-3 leaves partitioned parameters" in done.stderr
     assert "zero3_save_16bit_model: true" in done.stderr
