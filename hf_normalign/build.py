@@ -24,6 +24,7 @@ import copy
 import inspect
 import math
 import os
+import shutil
 from collections.abc import Mapping
 from typing import Any
 
@@ -333,7 +334,8 @@ def build_from_config(section: Mapping[str, Any]) -> tuple[PreTrainedModel, Proc
 
 def materialize(section: Mapping[str, Any]) -> str:
     """Build the VLM a recipe's ``build:`` section describes and save it (model + processor) to its ``save_dir``;
-    a ``save_dir`` that already holds a model is reused (building is seeded, so it would be the same). Returns
+    a ``save_dir`` that already holds a model is reused (building is seeded, so it would be the same). The build is
+    written to ``<save_dir>.partial`` and renamed into place, so ``save_dir`` is complete or absent. Returns
     ``save_dir``, which the recipe then loads like any ``model_name_or_path``.
 
     Example (YAML)::
@@ -352,7 +354,14 @@ def materialize(section: Mapping[str, Any]) -> str:
         raise ValueError("build: needs save_dir (where the built base model and processor are written and reused)")
     if os.path.isfile(os.path.join(save_dir, "config.json")):
         return save_dir
+    if os.path.exists(save_dir) and (not os.path.isdir(save_dir) or os.listdir(save_dir)):
+        raise ValueError(f"build: save_dir {save_dir} exists and holds no built model: remove it or choose another")
+    # Written next to save_dir, then renamed into place: a build killed part-way never leaves a save_dir that a
+    # later run would take for a complete one. The next build removes what a killed one left.
+    partial = f"{os.path.normpath(save_dir)}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
     model, processor = build_from_config(options)
-    model.save_pretrained(save_dir)
-    processor.save_pretrained(save_dir)
+    model.save_pretrained(partial)
+    processor.save_pretrained(partial)
+    os.replace(partial, save_dir)
     return save_dir

@@ -6,6 +6,7 @@ import transformers as tf
 import yaml
 
 import hf_normalign as normalign
+from hf_normalign.build import materialize
 from hf_normalign.patching import get_plugin
 from hf_normalign.testing import tiny_tokenizer
 
@@ -85,3 +86,34 @@ def test_build_section_errors_are_config_errors(parts, tmp_path):
     cfg.write_text(yaml.safe_dump({"build": {"vision_model": str(root / "vision"), "language_model": "x"}}))
     with pytest.raises(train.ConfigError, match="save_dir"):
         train.parse_args(["--config", str(cfg), "--output_dir", str(tmp_path / "o")], stage=1)
+
+
+def test_materialize_writes_save_dir_whole_or_not_at_all(parts, tmp_path, monkeypatch):
+    """A build that dies after the model is written leaves no save_dir (a later run would reuse it, processor
+    missing); the next build clears what a killed one left in `<save_dir>.partial` and writes it whole."""
+    root, _ = parts
+    section = {
+        "vision_model": str(root / "vision"),
+        "language_model": str(root / "lm"),
+        "save_dir": str(tmp_path / "b"),
+    }
+
+    def dies(self, *args, **kwargs):
+        raise KeyboardInterrupt  # as a process killed between the model and the processor would stop
+
+    with monkeypatch.context() as m:
+        m.setattr(tf.LlavaProcessor, "save_pretrained", dies)
+        with pytest.raises(KeyboardInterrupt):
+            materialize(section)
+    assert not (tmp_path / "b").exists() and (tmp_path / "b.partial" / "config.json").exists()
+
+    assert materialize(section) == str(tmp_path / "b")
+    assert not (tmp_path / "b.partial").exists()
+    processor = tf.AutoProcessor.from_pretrained(tmp_path / "b")
+    model = tf.AutoModelForImageTextToText.from_pretrained(tmp_path / "b")
+    assert type(processor).__name__ == "LlavaProcessor" and type(model).__name__ == "LlavaForConditionalGeneration"
+
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="exists and holds no built model"):
+        materialize({**section, "save_dir": str(tmp_path / "other")})

@@ -117,18 +117,19 @@ def test_zero3_checkpoint_loads_as_an_aligned_model(runs):
 
 
 @pytest.mark.slow
-def test_zero3_save_without_gathering_refuses(runs, tmp_path):
-    """Without the 16-bit gathered save the Trainer hands save_pretrained no weights, and the plugin holds only
-    ZeRO-3 placeholders: the save fails naming the fix instead of writing 0-element plugin weights."""
+def test_zero3_save_without_gathering_refuses_before_training(runs, tmp_path):
+    """Without the 16-bit gathered save the Trainer would hand save_pretrained no weights and the plugin holds only
+    ZeRO-3 placeholders: NormAlignCallback refuses at train begin, naming the fix, before any step or checkpoint
+    (the save itself also refuses 0-element weights: tests/test_zero3.py)."""
     data = runs[1][0].parent / "tiny"
     out = tmp_path / "zero3"
     argv = recipe_argv(data / "model", data / "data.json", out, 2, normalign_config=STAGE1_SETTINGS)
     options = ("--zero3_save_16bit_model", "false")
     done = accelerate_launch(__file__, "1", *argv, config=ZERO3_CONFIG, options=options, check=False)
     assert done.returncode != 0
-    assert "are empty, as DeepSpeed ZeRO-3 leaves partitioned parameters" in done.stderr
+    assert "ZeRO-3 is set to save without gathering the weights" in done.stderr
     assert "zero3_save_16bit_model: true" in done.stderr
-    assert not list(out.rglob("normalign.safetensors"))
+    assert not list(out.rglob("checkpoint-*")) and not list(out.rglob("normalign.safetensors"))
 
 
 if __name__ == "__main__":

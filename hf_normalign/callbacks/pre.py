@@ -34,6 +34,7 @@ class NormAlignCallback(TrainerCallback):
         if plugin is None:
             return
         run_before_reporters(self)  # `pre_loss` is printed and reported with `loss`
+        _check_zero3_saves_weights(calling_trainer())
         if plugin.config.pre is not None and args.fp16 and args.deepspeed:
             raise ValueError(
                 "PRe with DeepSpeed fp16 is not supported: DeepSpeed scales the loss with its own scaler, which "
@@ -80,6 +81,20 @@ class NormAlignCallback(TrainerCallback):
         if logs is not None and "loss" in logs and self._logged[1]:
             add_to_step_log(state, logs, {"pre_loss": self._logged[0] / self._logged[1]})
             self._logged = [0.0, 0]
+
+
+def _check_zero3_saves_weights(trainer) -> None:
+    """Refuse at the start what would fail at the first checkpoint: a DeepSpeed ZeRO-3 engine that saves without
+    gathering the weights hands ``save_pretrained`` none, and the plugin's own parameters are empty placeholders."""
+    engine = getattr(trainer, "model_wrapped", None)
+    if not callable(getattr(engine, "zero_gather_16bit_weights_on_model_save", None)):
+        return  # not a DeepSpeed engine
+    if engine.zero_optimization_stage() == 3 and not engine.zero_gather_16bit_weights_on_model_save():
+        raise ValueError(
+            "DeepSpeed ZeRO-3 is set to save without gathering the weights, so the checkpoints would hold no "
+            "hf-normalign weights. Set accelerate's `zero3_save_16bit_model: true` (DeepSpeed config "
+            "`stage3_gather_16bit_weights_on_model_save: true`), as recipes/accelerate/deepspeed_zero3.yaml does."
+        )
 
 
 def _trainer_loss_multiplier(args) -> int:
