@@ -137,3 +137,28 @@ def test_uncommitted_leftover_is_removed_with_a_warning_and_user_files_stay(setu
     assert hidden(tmp_path) == []
     assert "interrupted save" in caplog.text
     assert torch.equal(logits(normalign.from_pretrained(target), batch), old)
+
+
+def test_a_single_file_is_replaced_whole(tmp_path, monkeypatch, capsys):
+    """`normalign mir --json` (and the reports, through the same helper): a write that fails before its rename
+    leaves the previous file as it was; the next one replaces it and leaves nothing beside it."""
+    from hf_normalign.cli import main
+
+    model = tmp_path / "m"
+    tiny_model("llava").save_pretrained(model)
+    tiny_processor("llava").save_pretrained(model)
+    out = tmp_path / "mir.json"
+    out.write_text("previous result\n")
+    argv = ["mir", str(model), "--num-samples", "4", "--device", "cpu", "--no-progress", "--json", str(out)]
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "fsync", disk_full)
+        assert main(argv) == 1
+    assert out.read_text() == "previous result\n"
+    assert "No space left on device" in capsys.readouterr().err
+
+    assert main(argv) == 0
+    assert out.read_text().startswith("{") and sorted(os.listdir(tmp_path)) == ["m", "mir.json"]

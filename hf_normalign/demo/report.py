@@ -28,6 +28,7 @@ from typing import Any
 from ..diagnostics import plots
 from ..diagnostics.html import Raw, best_row, figure, glossary, page, section, table
 from ..diagnostics.report_page import plot_caption
+from ..persistence.staging import write_file_atomically
 
 __all__ = ["COLUMNS", "format_table", "plot_examples", "plot_training", "spread_sentence", "write_report"]
 
@@ -400,7 +401,7 @@ def write_report(results: Mapping[str, Any], out_dir: Path, images: Sequence[Any
     """Write ``results.json``, ``report.html`` and its own plots (``training.png``, ``examples.png``) into
     ``out_dir``; ``images``: the example images (PIL). The diagnostics plots come from ``out_dir/diagnostics``."""
     results_json = out_dir / "results.json"
-    results_json.write_text(json.dumps(_strict(results), indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    write_file_atomically(results_json, json.dumps(_strict(results), indent=1, allow_nan=False) + "\n")
     figures = {
         "training": (plots.png_bytes(plot_training(results), out_dir / "training.png"), "stage-1 loss curves"),
         "examples": (
@@ -409,5 +410,5 @@ def write_report(results: Mapping[str, Any], out_dir: Path, images: Sequence[Any
         ),
     }
     report = out_dir / "report.html"
-    report.write_text(_html(results, figures, out_dir), encoding="utf-8")
+    write_file_atomically(report, _html(results, figures, out_dir))
     return report, results_json

@@ -29,6 +29,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..persistence.staging import write_file_atomically
+
 __all__ = [
     "DPI",
     "LAYER_AXIS",
@@ -149,7 +151,7 @@ def png_bytes(fig: Any, path: str | Path | None = None) -> bytes:
     pyplot().close(fig)
     data = buffer.getvalue()
     if path is not None:
-        Path(path).write_bytes(data)
+        write_file_atomically(path, data)
     return data
 
 

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..persistence.staging import write_file_atomically
 from . import plots
 from .metrics.degradation import DegradationResult, visual_degradation
 from .metrics.keyspace import KeySpaceResult, key_space_gap
@@ -226,9 +227,9 @@ def build_report(
 
     data = _json_data(models, results, summary, written, opts, title)
     json_path = out / "report.json"
-    json_path.write_text(json.dumps(data, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    write_file_atomically(json_path, json.dumps(data, indent=1, allow_nan=False) + "\n")
     html_path = out / "report.html"
-    html_path.write_text(render_page(data, written, links or {}), encoding="utf-8")
+    write_file_atomically(html_path, render_page(data, written, links or {}))
     return Report(out, html_path, json_path, written, results, summary)
 
 

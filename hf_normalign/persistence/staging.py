@@ -1,5 +1,5 @@
-"""Crash-safe directory writes: a save goes to a hidden staging folder, is committed by one atomic rename,
-then rolled forward into the target.
+"""Crash-safe writes: a save goes to a hidden staging folder, is committed by one atomic rename, then rolled
+forward into the target; a single file (a report, a JSON result) goes through :func:`write_file_atomically`.
 
 A save writes everything into a hidden staging folder beside the target, then writes a commit marker into it
 (atomically: a temporary file renamed), then moves each new file over the old one (os.replace, atomic per file)
@@ -27,6 +27,21 @@ COMMIT_NAME = ".normalign-commit.json"
 _STAGING = ".normalign-staging-"
 
 _on_file_operation: Callable[[str, str], None] | None = None
+
+
+def write_file_atomically(path: str | os.PathLike, data: str | bytes) -> None:
+    """Write one file so that a reader, or a killed process, sees its old content or the new one, never a part:
+    the data goes to ``<path>.partial`` beside it, is flushed to disk, then renamed over ``path``.
+
+    Example:
+        >>> write_file_atomically("report.json", "{}\n")  # doctest: +SKIP
+    """
+    partial = f"{os.fspath(path)}.partial"
+    with open(partial, "wb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(partial, path)
 
 
 def file_operation(operation: str, path: str) -> None:

@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from ...modeling import get_base_model
+from ...persistence.staging import write_file_atomically
 from ..engine import CaptureBatch
 from ..maths.frechet import SqrtMethod
 from ..maths.mir import MIRResult, StreamingMIR, mir_from_features
@@ -423,7 +424,7 @@ def _main(args: argparse.Namespace) -> int:
     if result is not None:  # the main process
         print(result)
         if args.json is not None:
-            args.json.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+            write_file_atomically(args.json, json.dumps(result.to_dict(), indent=2) + "\n")
             print(f"wrote {args.json}")
     if accelerator is not None:  # leave together: a process exiting with the group open aborts the launch
         accelerator.wait_for_everyone()
