@@ -78,6 +78,40 @@ def launch(script: str, path: str) -> dict:
 # --- training runs ------------------------------------------------------------------------------------------------
 
 
+# Stage 1 of the distributed training tests: MoCa starts far from the identity, so were its hooks skipped inside
+# the wrapped decoder layers, the very first loss would differ from the single-process run's.
+STAGE1_SETTINGS = json.dumps({"projector_norm": True, "moca": {"init_std": 0.5}, "pre": True})
+
+
+def train_both_ways(root: Path, script: str, config: str) -> dict[int, tuple[Path, Path]]:
+    """Stage 1 (all three methods) and stage 2 (full, from the single-process stage 1) of the tiny LLaVA, each on
+    one process with batch 4 and launched as `script` (which runs the recipe) on 2 processes with batch 2 each,
+    the same global batch. Returns ``{stage: (single-process output, two-process output)}``."""
+    from hf_normalign.recipes import train
+    from hf_normalign.recipes.make_tiny_data import make_tiny_data
+
+    data = make_tiny_data(root / "tiny", num_samples=16, model="llava")
+    model = root / "tiny" / "model"
+    result = {}
+    for stage, options in ((1, {"normalign_config": STAGE1_SETTINGS}), (2, {"learning_rate": 1e-3})):
+        single, distributed = root / f"single{stage}", root / f"distributed{stage}"
+        assert train.main(recipe_argv(model, data, single, 4, **options), stage=stage) == 0
+        accelerate_launch(script, str(stage), *recipe_argv(model, data, distributed, 2, **options), config=config)
+        result[stage] = single, distributed
+        model = root / "single1"
+    return result
+
+
+def finish_launched(trainer, report: dict) -> None:
+    """The end of a launched training process: its `report` to ``<output_dir>-rank<i>.json``, then leave together
+    and close the process group (the recipe's own ending)."""
+    from hf_normalign.recipes import train
+
+    with open(f"{trainer.args.output_dir}-rank{trainer.args.process_index}.json", "w") as f:
+        json.dump(report, f)
+    train.finish(trainer)
+
+
 def recipe_argv(model, data, out, batch_size: int, **options) -> list[str]:
     """A 4-step recipe run of the tiny data, checkpoint at the end; `options` add or override arguments."""
     values = {

@@ -9,29 +9,23 @@ and torch's own code::
     accelerate launch --config_file recipes/accelerate/fsdp_cpu.yaml tests/test_fsdp.py 1 --config ... --use_cpu true
 """
 
-import json
 import sys
 
 import pytest
 import torch
 from distributed import (
-    accelerate_launch,
     assert_loads_like,
     assert_same_saved_weights,
+    finish_launched,
     logged,
     rank_reports,
-    recipe_argv,
+    train_both_ways,
 )
 
 from hf_normalign.patching import get_plugin
 
 # isort: split
 from hf_normalign.recipes import train
-from hf_normalign.recipes.make_tiny_data import make_tiny_data
-
-# MoCa starts far from the identity: were its hooks skipped inside the FSDP-wrapped decoder layers, the very first
-# loss would differ from the single-process run's.
-STAGE1_SETTINGS = json.dumps({"projector_norm": True, "moca": {"init_std": 0.5}, "pre": True})
 
 
 def _keep_fsdp_on_cpu() -> None:
@@ -66,9 +60,7 @@ def _launched(stage: int, argv: list[str]) -> None:
         "plugin_local_numel": sum(p.to_local().numel() for p in plugin.parameters()),
         "plugin_numel": sum(p.numel() for p in plugin.parameters()),
     }
-    with open(f"{trainer.args.output_dir}-rank{trainer.args.process_index}.json", "w") as f:
-        json.dump(report, f)
-    train.finish(trainer)
+    finish_launched(trainer, report)
 
 
 # --- tests -------------------------------------------------------------------------------------------------------
@@ -76,19 +68,8 @@ def _launched(stage: int, argv: list[str]) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """{stage: (single-process output, FSDP output)}; stage 2 (full) starts from the single-process stage 1."""
-    root = tmp_path_factory.mktemp("fsdp")
-    data = make_tiny_data(root / "tiny", num_samples=16, model="llava")
-    model = root / "tiny" / "model"
-    result = {}
-    for stage, options in ((1, {"normalign_config": STAGE1_SETTINGS}), (2, {"learning_rate": 1e-3})):
-        single, fsdp = root / f"single{stage}", root / f"fsdp{stage}"
-        assert train.main(recipe_argv(model, data, single, 4, **options), stage=stage) == 0
-        # Two FSDP processes, half the per-device batch each: the same global batch as one process.
-        accelerate_launch(__file__, str(stage), *recipe_argv(model, data, fsdp, 2, **options), config="fsdp_cpu.yaml")
-        result[stage] = single, fsdp
-        model = root / "single1"
-    return result
+    """{stage: (single-process output, two-process output)}."""
+    return train_both_ways(tmp_path_factory.mktemp("fsdp"), __file__, "fsdp_cpu.yaml")
 
 
 @pytest.mark.slow

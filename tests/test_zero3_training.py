@@ -13,18 +13,20 @@ of a real model are::
         --config ... --use_cpu true
 """
 
-import json
 import sys
 
 import pytest
 import torch
 from distributed import (
+    STAGE1_SETTINGS,
     accelerate_launch,
     assert_loads_like,
     assert_same_saved_weights,
+    finish_launched,
     logged,
     rank_reports,
     recipe_argv,
+    train_both_ways,
 )
 
 pytest.importorskip("deepspeed")
@@ -33,11 +35,8 @@ from hf_normalign.patching import get_plugin
 
 # isort: split
 from hf_normalign.recipes import train
-from hf_normalign.recipes.make_tiny_data import make_tiny_data
 
 ZERO3_CONFIG = "deepspeed_zero3_cpu.yaml"
-# MoCa starts far from the identity: were its hooks skipped inside the engine, the very first loss would differ.
-STAGE1_SETTINGS = json.dumps({"projector_norm": True, "moca": {"init_std": 0.5}, "pre": True})
 
 
 def _launched(stage: int, argv: list[str]) -> None:
@@ -60,9 +59,7 @@ def _launched(stage: int, argv: list[str]) -> None:
         "plugin_local_numel": sum(p.ds_tensor.numel() for p in parameters),
         "plugin_numel": sum(p.ds_numel for p in parameters),
     }
-    with open(f"{trainer.args.output_dir}-rank{trainer.args.process_index}.json", "w") as f:
-        json.dump(report, f)
-    train.finish(trainer)
+    finish_launched(trainer, report)
 
 
 # --- tests -------------------------------------------------------------------------------------------------------
@@ -70,19 +67,8 @@ def _launched(stage: int, argv: list[str]) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """{stage: (single-process output, ZeRO-3 output)}; stage 2 (full) starts from the single-process stage 1."""
-    root = tmp_path_factory.mktemp("zero3")
-    data = make_tiny_data(root / "tiny", num_samples=16, model="llava")
-    model = root / "tiny" / "model"
-    result = {}
-    for stage, options in ((1, {"normalign_config": STAGE1_SETTINGS}), (2, {"learning_rate": 1e-3})):
-        single, zero3 = root / f"single{stage}", root / f"zero3{stage}"
-        assert train.main(recipe_argv(model, data, single, 4, **options), stage=stage) == 0
-        # Two ZeRO-3 processes, half the per-device batch each: the same global batch as one process.
-        accelerate_launch(__file__, str(stage), *recipe_argv(model, data, zero3, 2, **options), config=ZERO3_CONFIG)
-        result[stage] = single, zero3
-        model = root / "single1"
-    return result
+    """{stage: (single-process output, two-process output)}."""
+    return train_both_ways(tmp_path_factory.mktemp("zero3"), __file__, ZERO3_CONFIG)
 
 
 @pytest.mark.slow
