@@ -216,7 +216,7 @@ def run_demo(
         results = {
             "config": dataclasses.asdict(config),
             "seeds": seeds,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "variants": aggregate_seeds([run["variants"] for run in runs]),
             "base": first["base"],
             "data": {

@@ -250,7 +250,7 @@ def _json_data(
 
     return {
         "title": title,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "hf_normalign_version": __version__,
         "settings": {k: v for k, v in opts.items() if k != "progress"},
         "plots": {stem: path.name for stem, path in written.items()},
