@@ -151,7 +151,8 @@ def assert_same_saved_weights(single: Path, other: Path, atol: float = 1e-6) -> 
         expected, got = load_file(single / name), load_file(other / name)
         assert expected.keys() == got.keys(), name
         for key, value in expected.items():
-            torch.testing.assert_close(got[key], value, rtol=0, atol=atol, msg=lambda m, k=key: f"{name}: {k}: {m}")
+            where = f"{name}: {key}"
+            torch.testing.assert_close(got[key], value, rtol=0, atol=atol, msg=lambda m, w=where: f"{w}: {m}")
 
 
 def assert_loads_like(single: Path, other: Path) -> None:
