@@ -19,6 +19,8 @@ class NormAlignCallback(TrainerCallback):
     ``1 / gradient_accumulation_steps`` so accumulation 2 x batch b updates like accumulation
     1 x batch 2b, declares the Trainer's fp16 loss scaler (see `set_loss_scaler`), and logs the
     mean unweighted PRe loss as ``pre_loss`` next to ``loss`` (averaged over processes, like ``loss``).
+    For any patched model it also refuses, when training begins, a DeepSpeed ZeRO-3 engine that saves without
+    gathering the weights: its checkpoints would hold no hf-normalign weights.
 
     Example:
         >>> trainer = Trainer(model, args, train_dataset=ds, callbacks=[normalign.NormAlignCallback()])
