@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-DDP_CPU = Path(__file__).resolve().parents[1] / "recipes" / "accelerate" / "ddp_cpu.yaml"
+DDP_CPU = Path(__file__).resolve().parents[1] / "hf_normalign" / "recipes" / "accelerate" / "ddp_cpu.yaml"
 
 
 def _save_model(folder: Path, hidden: int, layers: int) -> None:

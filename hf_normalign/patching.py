@@ -279,7 +279,7 @@ def _refuse_partitioned(model: nn.Module) -> None:
             "placeholders with ds_id), so it cannot be patched. Load it whole, patch, then let the Trainer / "
             "deepspeed.initialize partition it: in a script, load and patch before creating the TrainingArguments "
             "(transformers builds models loaded after them partitioned); hf-normalign's recipes do it with "
-            "accelerate's zero3_init_flag: false (recipes/accelerate/deepspeed_zero3.yaml)."
+            "accelerate's zero3_init_flag: false (hf_normalign/recipes/accelerate/deepspeed_zero3.yaml)."
         )
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-ACCELERATE_CONFIGS = os.path.join(os.path.dirname(__file__), os.pardir, "recipes", "accelerate")
+ACCELERATE_CONFIGS = os.path.join(os.path.dirname(__file__), os.pardir, "hf_normalign", "recipes", "accelerate")
 
 
 def compare_in_processes(path: str, cases: dict[str, Callable]) -> None:
@@ -58,7 +58,8 @@ def accelerate_launch(
     *args: str, config: str = "ddp_cpu.yaml", options: tuple[str, ...] = (), check: bool = True
 ) -> subprocess.CompletedProcess:
     """``accelerate launch`` of `args` (a script and its arguments, or ``-m`` and a module) with
-    ``recipes/accelerate/<config>`` (2 CPU processes) and launcher `options`; asserts success when `check`."""
+    ``hf_normalign/recipes/accelerate/<config>`` (2 CPU processes) and launcher `options`; asserts success when
+    `check`."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
     command += [os.path.join(ACCELERATE_CONFIGS, config), *options, "--main_process_port", str(free_port()), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}

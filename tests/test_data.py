@@ -11,11 +11,8 @@ from transformers import AutoProcessor
 
 import hf_normalign as normalign
 from hf_normalign.data import BadRowError, LlavaJsonDataset, VLMDataCollator, from_hf_dataset
-from hf_normalign.testing import tiny_model, tiny_processor
-
-# isort: split
-# hf_normalign.recipes is installed from recipes/ (package-dir), which ruff does not resolve as first-party.
 from hf_normalign.recipes.make_tiny_data import make_tiny_data
+from hf_normalign.testing import tiny_model, tiny_processor
 
 
 @pytest.fixture(scope="module")

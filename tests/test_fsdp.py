@@ -6,7 +6,8 @@ and drops the FSDP plugin on a CPU, so :func:`_keep_fsdp_on_cpu` puts the FSDP d
 accelerate set its state up; the sharding, the FSDP2 training step and the full-state-dict save are accelerate's
 and torch's own code::
 
-    accelerate launch --config_file recipes/accelerate/fsdp_cpu.yaml tests/test_fsdp.py 1 --config ... --use_cpu true
+    accelerate launch --config_file hf_normalign/recipes/accelerate/fsdp_cpu.yaml tests/test_fsdp.py 1 \\
+        --config ... --use_cpu true
 """
 
 import sys

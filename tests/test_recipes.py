@@ -15,13 +15,10 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCall
 
 import hf_normalign as normalign
 from hf_normalign.patching import get_plugin
-from hf_normalign.registry import get_spec
-from hf_normalign.testing import tiny_model
-
-# isort: split
-# hf_normalign.recipes is installed from recipes/ (package-dir), which ruff does not resolve as first-party.
 from hf_normalign.recipes import train
 from hf_normalign.recipes.make_tiny_data import make_tiny_data
+from hf_normalign.registry import get_spec
+from hf_normalign.testing import tiny_model
 
 VISION_TOWER, PROJECTOR = "model.vision_tower.", "model.multi_modal_projector."
 
@@ -74,8 +71,8 @@ def plain_state(path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def stage1(workspace):
-    """The documented tiny stage-1 run (recipes/configs/tiny_stage1.yaml, run from the workspace), with MIR and a
-    push to the Hub (intercepted)."""
+    """The documented tiny stage-1 run (hf_normalign/recipes/configs/tiny_stage1.yaml, run from the workspace), with
+    MIR and a push to the Hub (intercepted)."""
     pushes = []
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(workspace)

@@ -9,7 +9,8 @@ by default ZeRO-3 keeps every parameter under 1e5 elements whole on every rank, 
 here every parameter, the plugin's included, is partitioned and gathered for each forward, as the large weights
 of a real model are::
 
-    accelerate launch --config_file recipes/accelerate/deepspeed_zero3_cpu.yaml tests/test_zero3_training.py 1 \\
+    accelerate launch --config_file hf_normalign/recipes/accelerate/deepspeed_zero3_cpu.yaml \\
+        tests/test_zero3_training.py 1 \\
         --config ... --use_cpu true
 """
 

@@ -95,7 +95,8 @@ def _check_zero3_saves_weights(trainer) -> None:
         raise ValueError(
             "DeepSpeed ZeRO-3 is set to save without gathering the weights, so the checkpoints would hold no "
             "hf-normalign weights. Set accelerate's `zero3_save_16bit_model: true` (DeepSpeed config "
-            "`stage3_gather_16bit_weights_on_model_save: true`), as recipes/accelerate/deepspeed_zero3.yaml does."
+            "`stage3_gather_16bit_weights_on_model_save: true`), as "
+            "hf_normalign/recipes/accelerate/deepspeed_zero3.yaml does."
         )
 
 

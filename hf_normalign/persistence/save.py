@@ -61,7 +61,7 @@ def _refuse_empty(files: dict[str, dict[str, torch.Tensor]]) -> None:
             f"cannot save the hf-normalign weights: {empty[:3]} ... are empty, as DeepSpeed ZeRO-3 leaves partitioned "
             "parameters outside a forward. Let the save gather them: accelerate `zero3_save_16bit_model: true` "
             "(DeepSpeed config `stage3_gather_16bit_weights_on_model_save: true`), as "
-            "recipes/accelerate/deepspeed_zero3.yaml sets."
+            "hf_normalign/recipes/accelerate/deepspeed_zero3.yaml sets."
         )
 
 
