@@ -232,6 +232,17 @@ def test_console_scripts_and_entry_points_load(installed):
         assert (installed.bin / name).is_file(), name
 
 
+def test_the_vllm_plugin_loads_its_sources_from_the_install(installed):
+    """normalign_vllm loads a few hf_normalign files by path (normalign_vllm.core.SOURCES): they are where it looks."""
+    code = (
+        "import json\nfrom normalign_vllm import core\n"
+        "[core.get(name, a) for name, (_, attributes) in core.SOURCES.items() for a in attributes]\n"
+        "print(json.dumps([core.load(name).__file__ for name in core.SOURCES]))"
+    )
+    for path in json.loads(installed.run(installed.python, "-c", code).stdout):
+        assert Path(path).is_relative_to(installed.site / "hf_normalign"), path
+
+
 def test_normalign_help(installed):
     from hf_normalign.cli import COMMANDS
 
