@@ -4,8 +4,9 @@ The wheel and the sdist are built offline from the files a fresh clone has (what
 into a fresh venv that sees this interpreter's dependencies but not the source tree, and there: every module of
 the installed package imports, the installed files are the repo's byte for byte (nothing left out, nothing else
 installed), the console scripts and entry points load, and `normalign --help`, `normalign mir` on a tiny saved
-model and `normalign demo --quick` run. Built once per session; the module takes about 6 minutes on the 2-core
-dev VM, most of it the two quick demos.
+model and `normalign demo --quick` run. Built once per session. Wall time on the 2-core dev VM shared with other
+jobs (load about 5): 110-170 s for everything but the demos (builds, installs, two import walks), plus 200-250 s
+for each of the two quick demos.
 """
 
 from __future__ import annotations
