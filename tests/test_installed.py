@@ -128,7 +128,6 @@ def _check_build_backend() -> None:
 class Install:
     """One fresh venv holding one built distribution."""
 
-    kind: str  # "wheel" or "sdist"
     python: Path
     bin: Path
     site: Path  # the venv's site-packages
@@ -174,7 +173,7 @@ def installed(request, dists, tmp_path_factory) -> Install:
     pip = [sys.executable, "-m", "pip", "--python", python, "install", "-q", "--disable-pip-version-check"]
     pip += ["--no-deps", "--no-index", "--no-build-isolation", "--no-cache-dir", dists[request.param]]
     _run(pip, cwd=home, env=env, timeout=300)
-    return Install(request.param, python, venv / "bin", site, home, env)
+    return Install(python, venv / "bin", site, home, env)
 
 
 @pytest.fixture(scope="module")
