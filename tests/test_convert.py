@@ -288,3 +288,20 @@ def test_cli_convert(tmp_path):
     )  # fmt: skip
     assert broken.returncode == 1 and "Traceback" not in broken.stderr
     assert len(broken.stderr.strip().splitlines()) == 1 and "not an original-format LLaVA" in broken.stderr
+
+
+def test_hub_id_resolves_through_the_hub_cache(tmp_path, monkeypatch):
+    """SRC as a Hub id goes through huggingface_hub's snapshot_download: here an offline cache holding the repo."""
+    import shutil
+
+    import huggingface_hub
+
+    src, _ = write_original(tmp_path)
+    commit = "0" * 40
+    repo = tmp_path / "cache" / "models--shikiw--tiny-moca"
+    shutil.copytree(src, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    assert convert("shikiw/tiny-moca", tmp_path / "hf").moca_layers == (0, 1)
+    assert normalign.read_checkpoint_info(tmp_path / "hf").config.methods == ["moca"]
