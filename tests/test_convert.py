@@ -305,3 +305,18 @@ def test_hub_id_resolves_through_the_hub_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
     assert convert("shikiw/tiny-moca", tmp_path / "hf").moca_layers == (0, 1)
     assert normalign.read_checkpoint_info(tmp_path / "hf").config.methods == ["moca"]
+
+
+def test_a_float16_checkpoint_converts_to_float16_with_fp32_moca(tmp_path):
+    src, state = write_original(tmp_path, dtype=torch.float16)
+    convert(src, tmp_path / "hf")
+    model = normalign.from_pretrained(tmp_path / "hf")
+    dtypes = {name.split(".")[1]: p.dtype for name, p in model.named_parameters() if name.startswith("model.")}
+    assert dtypes == {
+        "vision_tower": torch.float16,
+        "multi_modal_projector": torch.float16,
+        "language_model": torch.float16,
+    }
+    assert {p.dtype for p in model.normalign.parameters()} == {torch.float32}
+    scale = model.normalign.moca["layer_1_norm"].scale
+    assert torch.equal(scale, state["model.layers.1.modality_layernorm.scale"].half().float())  # exact from fp16

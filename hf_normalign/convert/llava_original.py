@@ -162,6 +162,17 @@ def _vision_tower(name: str, dtype: torch.dtype) -> Any:
         ) from err
 
 
+def _dtype(original: dict[str, Any], shards: list[str]) -> torch.dtype:
+    """The checkpoint's dtype: its config's ``torch_dtype``, else that of the first LLM tensor (MoCa may be fp32)."""
+    named = original.get("torch_dtype") or original.get("dtype")
+    if isinstance(named, str) and isinstance(getattr(torch, named, None), torch.dtype):
+        return getattr(torch, named)
+    stored = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+    with safe_open(shards[0], framework="pt") as f:
+        key = next(k for k in f.keys() if not _MOCA_KEY.fullmatch(k))  # noqa: SIM118 (safe_open is not a dict)
+        return stored.get(f.get_slice(key).get_dtype(), torch.float32)
+
+
 def _llava_config(original: dict[str, Any], vision_config: Any, dtype: torch.dtype) -> Any:
     from transformers import LlamaConfig, LlavaConfig
 
@@ -275,9 +286,7 @@ def convert(
     if not tower_name:
         raise ValueError(f"{folder}/config.json names no mm_vision_tower: pass --vision-tower ID_OR_PATH.")
     shards = _shards(folder)
-    with safe_open(shards[0], framework="pt") as f:
-        dtype = f.get_slice(next(iter(f.keys()))).get_dtype()
-    dtype = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}.get(dtype, torch.float32)
+    dtype = _dtype(original, shards)
     tower = _vision_tower(tower_name, dtype)
     config = _llava_config(original, tower.config, dtype)
     with init_empty_weights():  # parameters on meta, buffers (rotary inv_freq) real
@@ -312,7 +321,8 @@ def convert(
 
 
 def _check_moca(folder: str, original: dict[str, Any], moca: dict[int, dict[str, torch.Tensor]], layers: int) -> None:
-    use_moca = bool(original.get("use_moca", False))
+    # `use_mm_norm` is the flag's name in an earlier revision of the MIR repository.
+    use_moca = bool(original.get("use_moca", original.get("use_mm_norm", False)))
     if moca and not use_moca:
         raise ValueError(
             f"{folder} holds MoCa weights (modality_layernorm) but its config says use_moca: false; the original "

@@ -49,7 +49,7 @@ def _write_tokenizer(folder: str) -> None:
 
 
 def write_original(
-    root: str | os.PathLike, *, use_moca: bool = True, seed: int = 0
+    root: str | os.PathLike, *, use_moca: bool = True, seed: int = 0, dtype: torch.dtype = torch.float32
 ) -> tuple[str, dict[str, torch.Tensor]]:
     """Write ``root/original`` and ``root/clip``; return the checkpoint folder and its tensors (original names)."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -77,7 +77,7 @@ def write_original(
     names = [f"model-0000{i + 1}-of-00003.safetensors" for i in range(3)]
     weight_map = {}
     for i, name in enumerate(names):
-        part = {k: state[k].contiguous() for k in keys[i::3]}
+        part = {k: state[k].to(dtype).contiguous() for k in keys[i::3]}
         save_file(part, os.path.join(src, name), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(part, name))
     with open(os.path.join(src, "model.safetensors.index.json"), "w") as f:
@@ -86,7 +86,7 @@ def write_original(
         **{k: v for k, v in llama.to_dict().items() if k not in ("architectures", "model_type", "dtype")},
         "architectures": ["LlavaLlamaForCausalLM"],
         "model_type": "llava_llama",
-        "torch_dtype": "float32",
+        "torch_dtype": str(dtype).removeprefix("torch."),
         "mm_projector_type": "mlp2x_gelu",
         "mm_vision_select_layer": -2,
         "mm_vision_select_feature": "patch",
