@@ -288,6 +288,8 @@ def convert(
     shards = _shards(folder)
     dtype = _dtype(original, shards)
     tower = _vision_tower(tower_name, dtype)
+    tokenizer, image_id, pad_id = _tokenizer(folder)
+    processor = _processor(tower_name, tokenizer, tower.config)  # before the weights: its errors come early
     config = _llava_config(original, tower.config, dtype)
     with init_empty_weights():  # parameters on meta, buffers (rotary inv_freq) real
         model = LlavaForConditionalGeneration(config)
@@ -295,7 +297,6 @@ def convert(
     moca = _load_shards(model, shards)
     _check_moca(folder, original, moca, config.text_config.num_hidden_layers)
 
-    tokenizer, image_id, pad_id = _tokenizer(folder)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RESIZE_SEED)
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=PAD_TO_MULTIPLE_OF, mean_resizing=True)
@@ -306,6 +307,7 @@ def convert(
     except OSError:
         model.generation_config = GenerationConfig.from_model_config(model.config)
     model.generation_config.pad_token_id = pad_id
+    model.name_or_path = os.fspath(source)  # recorded as the base in normalign_config.json and the model card
     model.eval()
 
     if moca:
@@ -316,7 +318,7 @@ def convert(
         get_plugin(model).load_state_dict(state, strict=True)
     os.makedirs(out, exist_ok=True)
     model.save_pretrained(out, max_shard_size=max_shard_size)
-    _processor(tower_name, tokenizer, tower.config).save_pretrained(out)
+    processor.save_pretrained(out)
     return Converted(os.fspath(out), tuple(sorted(moca)), image_id, pad_id)
 
 
