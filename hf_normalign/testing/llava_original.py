@@ -6,6 +6,7 @@ The layout of ``shikiw/LLaVA-v1.5-MoCa-7B`` at toy size: 3 safetensors shards (`
 word-level tokenizer without ``<image>``, and a tiny CLIP vision tower in its own folder::
 
     src, tensors = write_original("tiny")      # tiny/original (the checkpoint), tiny/clip (its vision tower)
+    write_original("tiny16", dtype=torch.float16)   # shards in float16, as the released 7B
     # normalign convert tiny/original tiny/converted
 """
 
