@@ -242,6 +242,15 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("vllm_args", nargs=argparse.REMAINDER, help="`vllm serve` options, passed on unchanged")
 
 
+def _convert_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", metavar="SRC", help="folder or Hub id of an original-format LLaVA-1.5 checkpoint")
+    p.add_argument("out", metavar="OUT", type=output_dir, help="output folder")
+    p.add_argument(
+        "--vision-tower", metavar="ID_OR_PATH", help="CLIP vision tower (default: the config's mm_vision_tower)"
+    )
+    p.add_argument("--revision", help="Hub revision of SRC")
+
+
 COMMANDS: dict[str, Command] = {
     "demo": Command(
         "run the miniature alignment experiment offline",
@@ -275,6 +284,14 @@ COMMANDS: dict[str, Command] = {
         "model, overlaid) as report.html + PNG plots + report.json in --out.",
         _report_arguments,
         "hf_normalign.diagnostics.report:_main",
+    ),
+    "convert": Command(
+        "convert an original-format LLaVA-1.5 (+ MoCa) checkpoint",
+        "Convert SRC, a checkpoint of the LLaVA training repository (LlavaLlamaForCausalLM, e.g. "
+        "shikiw/LLaVA-v1.5-MoCa-7B), into a transformers LlavaForConditionalGeneration in OUT, with MoCa as the "
+        "hf-normalign plugin, <image>/<pad> added to the tokenizer and a processor that pads images to a square.",
+        _convert_arguments,
+        "hf_normalign.convert.command:run",
     ),
     "serve": Command(
         "serve an aligned checkpoint with vLLM (OpenAI-compatible server)",

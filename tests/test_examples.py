@@ -30,6 +30,7 @@ def test_every_example_has_a_test():
         "trl_dpo.py",
         "trl_grpo.py",
         "serve_openai.py",  # tests/test_vllm.py (needs the vLLM environment)
+        "vlmevalkit_launcher.py",
     }
     assert {p.name for p in EXAMPLES.glob("*.py")} == tested
 
@@ -40,6 +41,12 @@ def test_patch_from_hub(tmp_path, args):
     before, after = out.split("entering the LLM: ")[1].split(" (")[0].split(" -> ")
     target = float(out.split("T = ")[1].split(")")[0])
     assert float(before) > 5 * target and abs(float(after) - target) < 0.05 * target
+
+
+def test_vlmevalkit_launcher(tmp_path):
+    assert "loaded LlavaForConditionalGeneration; patched: True" in run(
+        "vlmevalkit_launcher.py", "--tiny", cwd=tmp_path
+    )
 
 
 def test_mir_local_model(tmp_path):

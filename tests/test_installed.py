@@ -29,7 +29,11 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("hf_normalign", "normalign_vllm")
 # Optional dependencies a module may import at load time: where one is not installed, that module's import test
 # is skipped by name with this reason. Anything else that fails to import fails.
-OPTIONAL = {"vllm": "the [vllm] extra (vLLM serving)", "deepspeed": "the [deepspeed] extra (ZeRO-3)"}
+OPTIONAL = {
+    "vllm": "the [vllm] extra (vLLM serving)",
+    "deepspeed": "the [deepspeed] extra (ZeRO-3)",
+    "lmms_eval": "the [eval] extra (lmms-eval)",
+}
 ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
 # Run in the fresh venv: import every module found by walking the installed packages (not the repo's tree).

@@ -128,3 +128,23 @@ def test_serve_openai_example(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     tokens = re.fullmatch(r"answer: .* \((\d+) tokens\)", proc.stdout.strip())
     assert tokens is not None and int(tokens.group(1)) >= 1, proc.stdout
+
+
+def test_converted_original_llava_checkpoint_serves_with_moca(tmp_path):
+    """Issue 23: an original-format LLaVA-1.5 + MoCa checkpoint after `normalign convert` is served with its MoCa:
+    vLLM's tokens equal the patched transformers model's (which tests/test_convert.py proves equal to a by-hand
+    forward of the original), and differ from the same weights without MoCa."""
+    from transformers import AutoProcessor
+
+    from hf_normalign.convert.llava_original import convert
+    from hf_normalign.testing.llava_original import write_original
+
+    src, _ = write_original(tmp_path)
+    folder = str(tmp_path / "converted")
+    convert(src, folder)
+    model = normalign.from_pretrained(folder).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    expected = transformers_generate(model, processor)
+    assert expected != transformers_generate(normalign.unpatch(model), processor)
+    (tokens,) = vllm_generate(folder, **TRANSFORMERS_BACKEND)
+    assert tokens == expected

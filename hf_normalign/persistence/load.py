@@ -13,6 +13,7 @@ from transformers import PreTrainedModel
 from transformers.utils.hub import cached_file
 
 from ..config import NormAlignConfig
+from ..convert.detect import original_llava_hint
 from ..modeling import get_base_model
 from ..patching import get_plugin, patch, unpatch
 from .checks import check_base, check_before_building, check_state, read_tensors
@@ -69,6 +70,9 @@ def read_checkpoint_info(pretrained_model_name_or_path: str | os.PathLike, **hub
     if path is None:
         if not os.path.isdir(source):
             cached_file(source, "config.json", **_hub_kwargs(hub_kwargs))  # an unreachable repo: transformers' error
+        hint = original_llava_hint(source)
+        if hint is not None:
+            raise NormAlignCheckpointError(hint)
         raise NormAlignCheckpointError(
             f"{source} holds no {CONFIG_NAME}: it is not an hf-normalign checkpoint. To patch a plain model while "
             "loading it, use AutoNormAlignModelForImageTextToText.from_pretrained(..., normalign_config=...)."
