@@ -381,14 +381,19 @@ def _signature(target: str) -> tuple:
 def read_consistently(folder: str, read: Callable[[], T], undo: Callable[[], None] | None = None) -> T:
     """``read()`` a checkpoint folder so that the result comes from one complete save: wait for a save that is
     rolling forward, refuse an interrupted one, and read again (up to 3 times, after ``undo()``) when a save changed
-    the folder meanwhile."""
+    the folder meanwhile (also when the read failed then: its error may be the save's doing)."""
     target = os.path.realpath(folder)
     for attempt in range(_READ_ATTEMPTS):
         if attempt and undo is not None:
             undo()
         wait_for_writers(target)
         before = _signature(target)
-        result = read()
+        try:
+            result = read()
+        except Exception:
+            if _signature(target) == before:
+                raise  # the folder itself is at fault
+            continue  # the error may come from files a save replaced meanwhile (a hash that no longer matches)
         if _signature(target) == before:
             return result
     raise NormAlignCheckpointError(
