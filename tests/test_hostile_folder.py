@@ -270,8 +270,9 @@ def test_a_reader_polling_never_breaks_a_writer_and_reads_whole_saves(tmp_path):
     pid, read = _fork(_writer(target, values, refusals_allowed=False))
     reads, refused, status = [], 0, None
     while status is None:
-        if os.waitpid(pid, os.WNOHANG)[0]:  # reaped: this is the last round of reads
-            status = 0
+        reaped, code = os.waitpid(pid, os.WNOHANG)
+        if reaped:  # the writer is done: this is the last round of reads
+            status = code
         try:
             info = normalign.read_checkpoint_info(target)
             assert info.config.methods == ["projector_norm", "moca"]
@@ -281,7 +282,7 @@ def test_a_reader_polling_never_breaks_a_writer_and_reads_whole_saves(tmp_path):
             refused += 1
     with os.fdopen(read) as f:
         report = f.read().splitlines()
-    assert report == [f"saved {v}" for v in values]  # 20 of 20 saves complete
+    assert report == [f"saved {v}" for v in values] and status == 0  # 20 of 20 saves complete
     assert all(len(r) == 1 for r in reads), reads  # every load came from one save
     assert reads, "the reader never got a load through"
     _check_final(target, {values[-1]})
