@@ -413,3 +413,13 @@ def test_the_lock_timeout_setting_is_checked(saved, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_NORMALIGN_LOCK_TIMEOUT", "soon")
     with pytest.raises(ValueError, match=r"HF_NORMALIGN_LOCK_TIMEOUT must be a number of seconds >= 0, got 'soon'"):
         saved[1].save_pretrained(tmp_path / "ckpt")
+
+
+def test_a_save_never_replaces_a_symlinked_entry(workspace, saved):
+    target = workspace / "ckpt"
+    os.remove(target / "normalign.safetensors")
+    (target / "normalign.safetensors").symlink_to(workspace / "outside" / "victim.txt")
+    before = tree(workspace)
+    with pytest.raises(CheckpointError, match=r"Cannot save into .*normalign\.safetensors resolves outside"):
+        saved[1].save_pretrained(target)
+    assert without_lock(tree(workspace)) == before  # the link, its target and the folder as they were
