@@ -366,6 +366,10 @@ STRICT = {
     "sha256 emptied": (dict(sha256={}), r"format 2\) records no SHA-256 for \['normalign\.safetensors'\]"),
     "format as bool": (dict(format_version=True), r"unknown format_version True"),
     "method setting": (dict(methods={"moca": {"layers": [0.0]}}), r"MoCaConfig\.layers\[\.\.\.\] must be an int"),
+    "layer numbering": (
+        dict(methods={"pre": {"layer": 1, "layer_numbering": "1-based"}}),
+        r"layer_numbering is '1-bas",
+    ),
 }
 
 
