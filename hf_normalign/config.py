@@ -200,6 +200,16 @@ class PReConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PReConfig:
+        if not isinstance(data, dict):
+            return _from_dict(cls, data)  # its error
+        # The note is checked, not just dropped: another text means `layer` was counted another way.
+        note = data.get("layer_numbering", cls.LAYER_NUMBERING)
+        if note != cls.LAYER_NUMBERING:
+            raise ValueError(
+                f"PReConfig.layer_numbering is {note!r}, but this release counts `layer` as {cls.LAYER_NUMBERING!r}: "
+                "the config was written with another numbering. Set `layer` for this numbering "
+                "(PReConfig.from_paper_layer converts the paper's 1-based count) and re-save."
+            )
         return _from_dict(cls, {k: v for k, v in data.items() if k != "layer_numbering"})
 
 

@@ -218,7 +218,8 @@ def push_to_hub(
     """
     api = api or HfApi(token=token)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = _prepare(model_or_path, tmp, adapter_only, include, max_shard_size)
+        # A sub-folder: a save's lock file and staging folder go beside it, inside the temporary folder.
+        folder = _prepare(model_or_path, os.path.join(tmp, "checkpoint"), adapter_only, include, max_shard_size)
         info = CheckpointInfo.from_file(os.path.join(folder, CONFIG_NAME))
         files = _folder_files(folder)
         # The repo is created only once the folder checks out, so a bad input leaves nothing behind.

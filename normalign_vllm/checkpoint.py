@@ -16,9 +16,8 @@ from safetensors.torch import load_file
 
 from . import core
 
-CONFIG_NAME = "normalign_config.json"
-WEIGHTS_NAME = "normalign.safetensors"
-FORMAT_VERSION = 1  # the newest checkpoint format this plugin reads
+CONFIG_NAME = core.get("schema", "CONFIG_NAME")
+WEIGHTS_NAME = core.get("schema", "WEIGHTS_NAME")
 TRAINING_ONLY_PREFIX = "pre_head."
 
 
@@ -34,7 +33,7 @@ class ServingCheckpoint:
     config: Any  # hf_normalign.config.NormAlignConfig, loaded standalone
     hidden_size: int
     num_decoder_layers: int
-    sha256: str | None  # of normalign.safetensors, when the config records it
+    sha256: str | None  # of normalign.safetensors; format 1 (hf-normalign 0.1.0) may record none
 
     @property
     def moca_layers(self) -> list[int]:
@@ -69,26 +68,23 @@ def parse(path: str) -> ServingCheckpoint:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except json.JSONDecodeError as err:
-        raise NormAlignServingError(f"{path} is not valid JSON: {err}") from err
-    version = data.get("format_version") if isinstance(data, dict) else None
-    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
-        raise NormAlignServingError(
-            f"{path} has checkpoint format {version!r}; this plugin reads format 1..{FORMAT_VERSION}. "
-            "Upgrade hf-normalign in the vLLM environment, or re-save the model."
-        )
-    if data.get("adapter_only"):
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise NormAlignServingError(f"{path} is not valid UTF-8 JSON: {err}") from err
+    try:  # the same strict reading as hf-normalign's loader: types as written, SHA-256 required from format 2
+        core.get("schema", "validate")(data, path, "hf-normalign's vLLM plugin")
+    except core.get("schema", "SchemaError") as err:
+        raise NormAlignServingError(str(err)) from None
+    if data.get("adapter_only", False):
         raise NormAlignServingError(
             f"{path} describes an adapter-only checkpoint (no base weights beside it); vLLM needs full weights. "
             "Save the merged model with hf_normalign.save_pretrained(model, folder) and serve that folder."
         )
     try:
         config = core.get("config", "NormAlignConfig").from_dict(data["methods"])
-        hidden_size, num_layers = int(data["hidden_size"]), int(data["num_decoder_layers"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise NormAlignServingError(f"{path} is malformed ({err!r}); re-save the model with hf-normalign.") from err
-    sha256 = (data.get("sha256") or {}).get(WEIGHTS_NAME)
-    return ServingCheckpoint(os.path.dirname(path), config, hidden_size, num_layers, sha256)
+    except (TypeError, ValueError) as err:
+        raise NormAlignServingError(f"{path}: invalid 'methods' ({err}); re-save the model with hf-normalign.") from err
+    sha256 = data.get("sha256", {}).get(WEIGHTS_NAME)
+    return ServingCheckpoint(os.path.dirname(path), config, data["hidden_size"], data["num_decoder_layers"], sha256)
 
 
 def read_weights(checkpoint: ServingCheckpoint, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -103,6 +99,12 @@ def read_weights(checkpoint: ServingCheckpoint, expected: dict[str, torch.Tensor
         )
     # PRe's head is training-only: it may be in the file and is not served.
     tensors = {key: value for key, value in load_file(path).items() if not key.startswith(TRAINING_ONLY_PREFIX)}
+    not_float = sorted(f"{key} ({value.dtype})" for key, value in tensors.items() if not value.is_floating_point())
+    if not_float:
+        raise NormAlignServingError(
+            f"{path} holds non-floating tensors {not_float}: plugin weights are floating point. The file was edited "
+            "or written by another tool: re-save the model."
+        )
     found = {key: tuple(value.shape) for key, value in tensors.items()}
     wanted = {key: tuple(value.shape) for key, value in expected.items()}
     if found != wanted:

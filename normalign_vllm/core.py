@@ -24,6 +24,7 @@ from typing import Any
 # name -> (path inside the hf_normalign package, the attributes the plugin uses from it)
 SOURCES: dict[str, tuple[str, tuple[str, ...]]] = {
     "config": ("config.py", ("NormAlignConfig",)),
+    "schema": ("persistence/schema.py", ("validate", "SchemaError", "CONFIG_NAME", "WEIGHTS_NAME")),
     "moca": ("methods/moca.py", ("MoCaLayer", "moca_key")),
     "projector_norm": ("methods/projector_norm.py", ("ProjectorLayerNorm",)),
 }

@@ -2,9 +2,10 @@
 
 The save's own file operations are hook points (``persistence.staging._on_file_operation``). A forked child saves a
 retrained model over a checkpoint folder that also holds a processor, a tokenizer, trainer state and a notes
-file, and kills itself before operation k, for every k. After each kill the folder must load with the old
-logits (killed before the commit) or the new ones (after), hold every user file byte for byte, and the next
-save must leave no hidden folder behind.
+file, and kills itself before operation k, for every k. After each kill a load must give the old logits (killed
+before the commit) or refuse the half-applied folder (after), changing nothing; after `recover` the folder must load
+with the old or the new logits, hold every user file byte for byte, and the next save must leave no hidden folder
+behind.
 """
 
 import os
@@ -75,8 +76,18 @@ def user_files(folder) -> dict[str, bytes]:
     return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder)) if name not in own}
 
 
+def tree(folder) -> dict[str, bytes]:
+    """Every file under ``folder``, by relative path, with its content."""
+    return {
+        os.path.relpath(os.path.join(root, name), folder): open(os.path.join(root, name), "rb").read()
+        for root, _, names in os.walk(folder)
+        for name in names
+    }
+
+
 def hidden(folder) -> list[str]:
-    return sorted(name for name in os.listdir(folder) if name.startswith("."))
+    """Hidden entries, but for the writer lock's file (it stays beside the folder, empty)."""
+    return sorted(name for name in os.listdir(folder) if name.startswith(".") and not name.endswith("normalign-lock"))
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +116,7 @@ def test_kill_at_every_file_operation_of_a_save(setup, tmp_path):
     operations = save_in_child(model, shutil.copytree(pristine, tmp_path / "count" / "ckpt"), NO_KILL)
     commit = operations.index(f"replace {persistence.COMMIT_NAME}.tmp")  # the atomic rename of the commit marker
     assert len(operations) > commit + 5  # the moves, removals and clean-up come after it, each a kill point
+    finished = operations.index(f"remove {persistence.COMMIT_NAME}")  # the roll-forward is done once this ran
 
     for kill_at in range(len(operations)):
         parent = tmp_path / f"kill{kill_at}"
@@ -112,7 +124,16 @@ def test_kill_at_every_file_operation_of_a_save(setup, tmp_path):
         save_in_child(model, target, kill_at)
 
         assert user_files(target) == expected_user_files, operations[kill_at]  # before any recovery, too
-        loaded = normalign.from_pretrained(target)  # a load finishes or removes the interrupted save
+        before_load = tree(parent)
+        if kill_at <= commit or kill_at > finished:  # one whole checkpoint: a load ignores the leftover staging folder
+            expected = old if kill_at <= commit else new
+            assert torch.equal(logits(normalign.from_pretrained(target), batch), expected), operations[kill_at]
+        else:  # committed, partly rolled forward: a load reports it and changes nothing
+            with pytest.raises(normalign.NormAlignCheckpointError, match=r"interrupted after its commit.*recover"):
+                normalign.from_pretrained(target)
+        assert tree(parent) == before_load, operations[kill_at]  # loading never moves or deletes anything
+        normalign.persistence.recover(target)  # finishes or removes the interrupted save
+        loaded = normalign.from_pretrained(target)
         assert torch.equal(logits(loaded, batch), new if kill_at > commit else old), operations[kill_at]
         assert hidden(parent) == [] and hidden(target) == []
         assert user_files(target) == expected_user_files

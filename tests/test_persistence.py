@@ -241,7 +241,8 @@ def test_failure_mid_save_keeps_previous_checkpoint(inject, tmp_path, monkeypatc
         with pytest.raises((OSError, RuntimeError)):
             model.save_pretrained(target)
 
-    assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no staging or backup directory left behind
+    # no staging or backup directory left behind; the writer lock's (empty) file stays beside the folder
+    assert sorted(os.listdir(tmp_path)) == [".ckpt.normalign-lock", "ckpt"]
     assert set(os.listdir(target)) == ALIGNED_FILES | {"preprocessor_config.json"}
     assert torch.equal(logits(normalign.from_pretrained(target), batch), before)
     model.save_pretrained(target)  # and a retry goes through, keeping the processor file
@@ -253,7 +254,7 @@ def test_failed_first_save_leaves_nothing(tmp_path, monkeypatch):
     _fail_plugin_write(monkeypatch, tmp_path)
     with pytest.raises(OSError):
         aligned("llava").save_pretrained(tmp_path / "new")
-    assert os.listdir(tmp_path) == []
+    assert os.listdir(tmp_path) == [".new.normalign-lock"]  # the writer lock's empty file only
 
 
 def test_saving_into_the_working_directory(tmp_path, monkeypatch):
@@ -417,7 +418,8 @@ def test_adapter_module_weights_must_fit(tmp_path):
     tensors = safetensors.torch.load_file(tmp_path / "normalign_modules.safetensors")
     tensors["model.multi_modal_projector.extra.weight"] = torch.zeros(1)
     safetensors.torch.save_file(tensors, tmp_path / "normalign_modules.safetensors")
-    _edit_config(tmp_path, lambda d: d["sha256"].pop("normalign_modules.safetensors"))  # past the integrity check
+    digest = file_sha256(str(tmp_path / "normalign_modules.safetensors"))  # past the integrity check
+    _edit_config(tmp_path, lambda d: d["sha256"].update({"normalign_modules.safetensors": digest}))
     base = tiny_model("llava")
     with pytest.raises(
         normalign.NormAlignCheckpointError, match=r"normalign_modules\.safetensors.*unexpected keys \['extra\.weight'\]"

@@ -11,10 +11,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
+from transformers.utils import logging
 
 from ..registry import get_spec
 from .format import CONFIG_NAME, CheckpointInfo, NormAlignCheckpointError, describe_model, file_sha256
 from .switch import AUTOLOAD_ENV
+
+logger = logging.get_logger(__name__)
 
 
 def check_base(model: nn.Module, info: CheckpointInfo, source: str) -> None:
@@ -44,10 +47,16 @@ def check_base(model: nn.Module, info: CheckpointInfo, source: str) -> None:
 
 
 def _verify(path: str, info: CheckpointInfo) -> None:
-    """The file's SHA-256 against the one recorded in normalign_config.json (checkpoints of 0.1.0 record none)."""
+    """The file's SHA-256 against the one recorded in normalign_config.json (format 2 records one for every weights
+    file; format 1, hf-normalign 0.1.0, may record none)."""
     name = os.path.basename(path)
     expected = info.sha256.get(name)
-    if expected is not None and file_sha256(path) != expected:
+    if expected is None:
+        logger.warning(
+            f"{path} is not verified: its {CONFIG_NAME} (checkpoint format {info.format_version}, hf-normalign 0.1.0) "
+            "records no SHA-256. Re-save the model to add one."
+        )
+    elif file_sha256(path) != expected:
         raise NormAlignCheckpointError(
             f"{path} does not match the SHA-256 recorded in {CONFIG_NAME} (damaged, truncated, or from another "
             "save): re-save the model, or re-download it (force_download=True)."
@@ -114,6 +123,17 @@ def check_state(path: str, found: dict[str, torch.Tensor], expected: dict[str, t
         )
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
+    # load_state_dict would cast an int64 / bool tensor into the float parameter: its values, silently truncated.
+    not_float = sorted(
+        f"{key} ({found[key].dtype})"
+        for key, value in expected.items()
+        if key in found and value.is_floating_point() and not found[key].is_floating_point()
+    )
+    if not_float:
+        raise NormAlignCheckpointError(
+            f"{path} holds non-floating tensors where {what} has floating-point weights: {not_float}. The file was "
+            "edited or written by another tool: re-save the model."
+        )
     if missing or unexpected:
         raise NormAlignCheckpointError(
             f"{path} does not match {what}: missing keys {missing}, unexpected keys {unexpected}. The weights and "

@@ -19,16 +19,23 @@ from transformers import PreTrainedModel
 from ..config import METHODS, NormAlignConfig
 from ..patching import NormAlignModules
 from ..registry import get_spec
-
-CONFIG_NAME = "normalign_config.json"
-
-WEIGHTS_NAME = "normalign.safetensors"
-
-MODULES_NAME = "normalign_modules.safetensors"
-
-FORMAT_VERSION = 1
+from .schema import CONFIG_NAME, FORMAT_VERSION, MODULES_NAME, WEIGHTS_NAME, SchemaError, validate
 
 PLUGIN_FILES = frozenset({CONFIG_NAME, WEIGHTS_NAME, MODULES_NAME})
+
+BASE_CONFIG_NAME = "config.json"
+
+
+def is_base_weights(name: str, variant: str | None = None, *, peft: bool = False) -> bool:
+    """Whether ``name`` is a weights file transformers writes for a model saved with ``variant`` (or, ``peft``,
+    for its loaded PEFT adapter): the single file, the shards and the index, in safetensors or the older .bin form.
+    A save that does not write such a file supersedes it."""
+    if peft:
+        return re.fullmatch(r"adapter_model(-\d{5}-of-\d{5})?\.(safetensors|bin)", name) is not None
+    tag = re.escape(f".{variant}") if variant else ""
+    weights = rf"(model|pytorch_model){tag}(-\d{{5}}-of-\d{{5}})?\.(safetensors|bin)"
+    index = rf"(model\.safetensors|pytorch_model\.bin)\.index{tag}\.json"
+    return re.fullmatch(f"{weights}|{index}", name) is not None
 
 
 class NormAlignCheckpointError(ValueError):
@@ -76,56 +83,32 @@ class CheckpointInfo:
 
     @classmethod
     def from_dict(cls, data: Any, source: str = CONFIG_NAME) -> CheckpointInfo:
-        """Validate and parse; ``source`` names the file in error messages."""
-        if not isinstance(data, dict):
-            raise NormAlignCheckpointError(f"{source} must hold a JSON object, got {type(data).__name__}.")
-        version = data.get("format_version")
-        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-            raise NormAlignCheckpointError(
-                f"{source} has an unknown format_version {version!r}; hf-normalign {library_version()} reads "
-                f"format 1..{FORMAT_VERSION}. The file is not an hf-normalign checkpoint config, or it was edited."
-            )
-        if version > FORMAT_VERSION:
-            raise NormAlignCheckpointError(
-                f"{source} uses checkpoint format {version} (written by hf-normalign "
-                f"{data.get('library_version', '?')}); hf-normalign {library_version()} reads format "
-                f"{FORMAT_VERSION} at most. Upgrade: pip install -U hf-normalign."
-            )
-        required = ("methods", "base_model_type", "base_model_class", "hidden_size", "num_decoder_layers")
-        missing = [key for key in required if key not in data]
-        if missing:
-            raise NormAlignCheckpointError(f"{source} lacks the keys {missing}; re-save the model with hf-normalign.")
+        """Validate and parse; ``source`` names the file in error messages. Types are strict (JSON booleans,
+        integers, strings: nothing is coerced), and format 2 requires the SHA-256 of every weights file."""
         try:
-            config = NormAlignConfig.from_dict(data["methods"] or {})
+            version = validate(data, source, f"hf-normalign {library_version()}")
+        except SchemaError as err:
+            raise NormAlignCheckpointError(str(err)) from None
+        try:
+            config = NormAlignConfig.from_dict(data["methods"])
         except (TypeError, ValueError) as err:
             raise NormAlignCheckpointError(f"{source}: invalid 'methods': {err}") from err
         if not config.methods:
             raise NormAlignCheckpointError(f"{source} enables no method under 'methods'; expected any of {METHODS}.")
-        hashes = data.get("sha256") or {}
-        if not isinstance(hashes, dict) or not all(
-            isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) for v in hashes.values()
-        ):
-            raise NormAlignCheckpointError(
-                f"{source}: 'sha256' must map weights file names to SHA-256 hex digests, got {hashes!r}. The file "
-                "was edited: re-save the model."
-            )
-        try:
-            return cls(
-                config=config,
-                base_model_type=str(data["base_model_type"]),
-                base_model_class=str(data["base_model_class"]),
-                hidden_size=int(data["hidden_size"]),
-                num_decoder_layers=int(data["num_decoder_layers"]),
-                adapter_only=bool(data.get("adapter_only", False)),
-                base_model_name_or_path=data.get("base_model_name_or_path"),
-                base_model_revision=data.get("base_model_revision"),
-                modules_to_save=tuple(data.get("modules_to_save") or ()),
-                format_version=version,
-                library_version=data.get("library_version"),
-                sha256=dict(hashes),
-            )
-        except (TypeError, ValueError) as err:
-            raise NormAlignCheckpointError(f"{source}: malformed value: {err}") from err
+        return cls(
+            config=config,
+            base_model_type=data["base_model_type"],
+            base_model_class=data["base_model_class"],
+            hidden_size=data["hidden_size"],
+            num_decoder_layers=data["num_decoder_layers"],
+            adapter_only=data.get("adapter_only", False),
+            base_model_name_or_path=data.get("base_model_name_or_path"),
+            base_model_revision=data.get("base_model_revision"),
+            modules_to_save=tuple(data.get("modules_to_save", ())),
+            format_version=version,
+            library_version=data.get("library_version"),
+            sha256=dict(data.get("sha256", {})),
+        )
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> CheckpointInfo:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -21,21 +20,13 @@ from transformers.utils import logging
 from ..hub import push_to_hub
 from ..modeling import get_base_model
 from ..patching import ATTRIBUTE, get_plugin
-from .format import PLUGIN_FILES, WEIGHTS_NAME, CheckpointInfo, info_for
+from .format import CONFIG_NAME, PLUGIN_FILES, WEIGHTS_NAME, info_for, is_base_weights
 from .load import find_config, load_aligned, load_plugin_weights
 from .save import write_files
-from .staging import atomic_directory
+from .staging import atomic_directory, writer_lock
 from .switch import autoload_enabled, base_load, loading_base
 
 logger = logging.get_logger(__name__)
-
-_SHARD_RE = re.compile(r"(.*?)-\d{5}-of-\d{5}")
-
-
-def _stale_shard(name: str, weights_prefix: str) -> bool:
-    """transformers' own rule for shards of an earlier save that the new save does not rewrite."""
-    stem = name.replace(".bin", "").replace(".safetensors", "")
-    return name.startswith(weights_prefix) and _SHARD_RE.fullmatch(stem) is not None
 
 
 @contextmanager
@@ -59,8 +50,10 @@ def save_wrapper(wrapped: Callable[..., Any], instance: PreTrainedModel, args: t
     save_directory = os.fspath(arguments["save_directory"])
     is_main_process = arguments.get("is_main_process", True)
     if plugin is None:
-        result = wrapped(*args, **kwargs)
-        if is_main_process:
+        if not (is_main_process and os.path.isfile(os.path.join(save_directory, CONFIG_NAME))):
+            return wrapped(*args, **kwargs)
+        with writer_lock(save_directory):  # over an aligned checkpoint: not while one of our saves runs
+            result = wrapped(*args, **kwargs)
             _remove_stale_plugin_files(save_directory)
         return result
     if arguments.get("distributed_checkpoint") or os.path.isfile(save_directory):
@@ -85,13 +78,10 @@ def save_wrapper(wrapped: Callable[..., Any], instance: PreTrainedModel, args: t
 
     info = info_for(base, plugin, adapter_only=False, base_model_name_or_path=instance.name_or_path)
     variant = arguments.get("variant")
-    if getattr(instance, "_hf_peft_config_loaded", False):
-        weights_prefix = "adapter_model"
-    else:
-        weights_prefix = f"model.{variant}" if variant else "model"
+    peft = getattr(instance, "_hf_peft_config_loaded", False)
 
-    def replaces(entry: str) -> bool:
-        return entry in PLUGIN_FILES or _stale_shard(entry, weights_prefix)
+    def replaces(entry: str) -> bool:  # the earlier save's plugin and weights files that this save does not write
+        return entry in PLUGIN_FILES or is_base_weights(entry, variant, peft=peft)
 
     with atomic_directory(save_directory, replaces) as staging:
         arguments["save_directory"] = staging
@@ -134,11 +124,10 @@ def from_pretrained_wrapper(wrapped: Callable[..., Any], cls: type, args: tuple,
     if config_path is None:
         with base_load():  # an auto class calls the family class: look up once
             return wrapped(*args, **kwargs)
-    info = CheckpointInfo.from_file(config_path)
     if "pretrained_model_name_or_path" in kwargs:
         kwargs = dict(kwargs)
         del kwargs["pretrained_model_name_or_path"]
-    return load_aligned(os.fspath(source), info, wrapped, args[1:], kwargs)
+    return load_aligned(os.fspath(source), config_path, wrapped, args[1:], kwargs)
 
 
 def push_wrapper(wrapped: Callable[..., Any], instance: PreTrainedModel, args: tuple, kwargs: dict) -> Any:

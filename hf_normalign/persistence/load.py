@@ -18,7 +18,7 @@ from ..modeling import get_base_model
 from ..patching import get_plugin, patch, unpatch
 from .checks import check_base, check_before_building, check_state, read_tensors
 from .format import CONFIG_NAME, MODULES_NAME, WEIGHTS_NAME, CheckpointInfo, NormAlignCheckpointError
-from .staging import recover
+from .staging import read_consistently, wait_for_writers
 from .switch import base_load
 
 _HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
@@ -33,8 +33,6 @@ def find_config(source: Any, kwargs: dict[str, Any]) -> str | None:
     the name is invalid or the repo unreachable (transformers then reports that itself)."""
     if not isinstance(source, (str, os.PathLike)):
         return None
-    if os.path.isdir(source):
-        recover(source)  # a save of this folder was interrupted: finish or clean it up before reading
     try:
         return cached_file(
             os.fspath(source),
@@ -63,9 +61,8 @@ def resolve_required(source: str, filename: str, kwargs: dict[str, Any]) -> str:
     return path
 
 
-def read_checkpoint_info(pretrained_model_name_or_path: str | os.PathLike, **hub_kwargs: Any) -> CheckpointInfo:
-    """Read ``normalign_config.json`` of a local directory or Hub repo (``revision=``, ``token=`` ...)."""
-    source = os.fspath(pretrained_model_name_or_path)
+def require_config(source: str, hub_kwargs: dict[str, Any]) -> str:
+    """The resolved ``normalign_config.json`` of ``source``, or a clear error (transformers' own for a bad repo)."""
     path = find_config(source, hub_kwargs)
     if path is None:
         if not os.path.isdir(source):
@@ -77,6 +74,16 @@ def read_checkpoint_info(pretrained_model_name_or_path: str | os.PathLike, **hub
             f"{source} holds no {CONFIG_NAME}: it is not an hf-normalign checkpoint. To patch a plain model while "
             "loading it, use AutoNormAlignModelForImageTextToText.from_pretrained(..., normalign_config=...)."
         )
+    return path
+
+
+def read_checkpoint_info(pretrained_model_name_or_path: str | os.PathLike, **hub_kwargs: Any) -> CheckpointInfo:
+    """Read ``normalign_config.json`` of a local directory or Hub repo (``revision=``, ``token=`` ...).
+
+    Reads only: waits for a save into the folder that is rolling forward, and refuses a folder whose save was
+    interrupted after its commit (finish it with ``hf_normalign.persistence.recover``)."""
+    path = require_config(os.fspath(pretrained_model_name_or_path), hub_kwargs)
+    wait_for_writers(os.path.dirname(path))
     return CheckpointInfo.from_file(path)
 
 
@@ -125,6 +132,18 @@ def _load_modules(base: nn.Module, info: CheckpointInfo, path: str) -> None:
         )
 
 
+def _undo_patch(model: nn.Module) -> Callable[[], None]:
+    """Before a repeated read: take off the patch an earlier attempt put on a caller's ``model``."""
+    base = get_base_model(model)
+    patched = get_plugin(base) is not None
+
+    def undo() -> None:
+        if not patched and get_plugin(base) is not None:
+            unpatch(base)
+
+    return undo
+
+
 def load_plugin_weights(
     model: nn.Module, pretrained_model_name_or_path: str | os.PathLike, **hub_kwargs: Any
 ) -> nn.Module:
@@ -134,42 +153,51 @@ def load_plugin_weights(
         normalign.load_plugin_weights(model, "out/checkpoint-500")
     """
     source = os.fspath(pretrained_model_name_or_path)
-    info = read_checkpoint_info(source, **hub_kwargs)
-    weights = resolve_required(source, WEIGHTS_NAME, hub_kwargs)
-    modules = resolve_required(source, MODULES_NAME, hub_kwargs) if info.modules_to_save else None
-    _attach(model, info, source, weights, modules)
+    config_path = require_config(source, hub_kwargs)
+
+    def load() -> None:
+        info = CheckpointInfo.from_file(config_path)
+        weights = resolve_required(source, WEIGHTS_NAME, hub_kwargs)
+        modules = resolve_required(source, MODULES_NAME, hub_kwargs) if info.modules_to_save else None
+        _attach(model, info, source, weights, modules)
+
+    read_consistently(os.path.dirname(config_path), load, undo=_undo_patch(model))
     return model
 
 
 def load_aligned(
     source: str,
+    config_path: str,
+    load_base: Callable[..., nn.Module] | None,
+    model_args: tuple,
+    kwargs: dict[str, Any],
+    base_model: nn.Module | None = None,
+) -> nn.Module:
+    """Load the aligned checkpoint whose ``normalign_config.json`` is ``config_path`` with ``load_base`` (a
+    ``from_pretrained``; None: that of the class the checkpoint records), from one complete save of the folder."""
+
+    def load() -> nn.Module:
+        info = CheckpointInfo.from_file(config_path)
+        loader = load_base or _transformers_class(info, config_path).from_pretrained
+        return _load_aligned(source, info, loader, model_args, kwargs, base_model)
+
+    undo = _undo_patch(base_model) if base_model is not None else None
+    return read_consistently(os.path.dirname(config_path), load, undo=undo)
+
+
+def _load_aligned(
+    source: str,
     info: CheckpointInfo,
     load_base: Callable[..., nn.Module],
     model_args: tuple,
     kwargs: dict[str, Any],
-    base_model: nn.Module | None = None,
+    base_model: nn.Module | None,
 ) -> nn.Module:
     weights = resolve_required(source, WEIGHTS_NAME, kwargs)
     modules = resolve_required(source, MODULES_NAME, kwargs) if info.modules_to_save else None
     if info.adapter_only:
         if base_model is None:
-            if not info.base_model_name_or_path:
-                raise NormAlignCheckpointError(
-                    f"The adapter at {source} names no base_model_name_or_path in {CONFIG_NAME}: pass base_model=..."
-                )
-            # revision / subfolder locate the adapter; the base has its own recorded revision.
-            base_kwargs = {key: value for key, value in kwargs.items() if key not in ("revision", "subfolder")}
-            if info.base_model_revision is not None:
-                base_kwargs["revision"] = info.base_model_revision
-            try:
-                with base_load():
-                    base_model = load_base(info.base_model_name_or_path, *model_args, **base_kwargs)
-            except OSError as err:
-                raise NormAlignCheckpointError(
-                    f"The adapter at {source} names the base model {info.base_model_name_or_path!r} in {CONFIG_NAME}, "
-                    f"which cannot be loaded ({err}). Pass base_model=<the loaded base>, or correct "
-                    f"base_model_name_or_path in {CONFIG_NAME}."
-                ) from err
+            base_model = _load_adapter_base(source, info, load_base, model_args, kwargs)
     elif base_model is not None:
         raise ValueError(f"base_model= applies to adapter-only checkpoints; {source} holds the full model weights.")
     else:
@@ -182,14 +210,62 @@ def load_aligned(
     return base_model
 
 
-def _transformers_class(name: str) -> type[PreTrainedModel]:
-    import transformers
+def _load_adapter_base(
+    source: str, info: CheckpointInfo, load_base: Callable[..., nn.Module], model_args: tuple, kwargs: dict[str, Any]
+) -> nn.Module:
+    """The base an adapter records, after checking (from its config alone) that it is of the adapter's family."""
+    from transformers import AutoConfig
 
-    cls = getattr(transformers, name, None)
-    if isinstance(cls, type) and issubclass(cls, PreTrainedModel):
-        return cls
-    # A user-registered family: reachable through the auto class it was registered with.
-    return transformers.AutoModelForImageTextToText
+    name = info.base_model_name_or_path
+    if not name:
+        raise NormAlignCheckpointError(
+            f"The adapter at {source} names no base_model_name_or_path in {CONFIG_NAME}: pass base_model=..."
+        )
+    # revision / subfolder locate the adapter; the base has its own recorded revision.
+    base_kwargs = {key: value for key, value in kwargs.items() if key not in ("revision", "subfolder")}
+    if info.base_model_revision is not None:
+        base_kwargs["revision"] = info.base_model_revision
+
+    def unloadable(err: Exception) -> NormAlignCheckpointError:
+        return NormAlignCheckpointError(
+            f"The adapter at {source} names the base model {name!r} in {CONFIG_NAME}, which cannot be loaded ({err}). "
+            f"Pass base_model=<the loaded base>, or correct base_model_name_or_path in {CONFIG_NAME}."
+        )
+
+    try:
+        model_type = AutoConfig.from_pretrained(name, **_hub_kwargs(base_kwargs)).model_type
+    except (OSError, ValueError) as err:
+        raise unloadable(err) from err
+    if model_type != info.base_model_type:
+        raise NormAlignCheckpointError(
+            f"The adapter at {source} was made for a {info.base_model_type!r} model ({info.describe_base()}), but "
+            f"its base_model_name_or_path {name!r} is a {model_type!r} model. Correct base_model_name_or_path in "
+            f"{CONFIG_NAME}, or pass base_model=<a loaded {info.base_model_type} model>."
+        )
+    try:
+        with base_load():
+            return load_base(name, *model_args, **base_kwargs)
+    except OSError as err:
+        raise unloadable(err) from err
+
+
+def _transformers_class(info: CheckpointInfo, source: str) -> type[PreTrainedModel]:
+    """The class ``base_model_class`` names: a transformers model class of ``base_model_type``, or (a name
+    transformers does not have) the auto class a user-registered family is reachable through."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    cls = getattr(transformers, info.base_model_class, None)
+    if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
+        return transformers.AutoModelForImageTextToText
+    if getattr(cls.config_class, "model_type", None) != info.base_model_type:
+        allowed = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(info.base_model_type)
+        raise NormAlignCheckpointError(
+            f"{source}: base_model_class {info.base_model_class!r} is not a model class of base_model_type "
+            f"{info.base_model_type!r} (allowed: {allowed!r}, or the class a registered family was saved from). "
+            "The file was edited: correct it or re-save the model."
+        )
+    return cls
 
 
 def from_pretrained(
@@ -210,9 +286,7 @@ def from_pretrained(
         >>> model = normalign.from_pretrained("me/adapter", base_model=base)                      # doctest: +SKIP
     """
     source = os.fspath(pretrained_model_name_or_path)
-    info = read_checkpoint_info(source, **_hub_kwargs(kwargs))
-    cls = _transformers_class(info.base_model_class)
-    return load_aligned(source, info, cls.from_pretrained, model_args, kwargs, base_model)
+    return load_aligned(source, require_config(source, kwargs), None, model_args, kwargs, base_model)
 
 
 class AutoNormAlignModelForImageTextToText:
@@ -252,9 +326,8 @@ class AutoNormAlignModelForImageTextToText:
                     f"{source} is already an aligned checkpoint ({CONFIG_NAME}); drop normalign_config=, or load it "
                     "and call hf_normalign.unpatch(model) before patching it differently."
                 )
-            info = CheckpointInfo.from_file(config_path)
             return load_aligned(
-                source, info, AutoModelForImageTextToText.from_pretrained, model_args, kwargs, base_model
+                source, config_path, AutoModelForImageTextToText.from_pretrained, model_args, kwargs, base_model
             )
         if normalign_config is None:
             raise ValueError(

@@ -18,7 +18,17 @@ from torch import nn
 
 from ..modeling import get_base_model
 from ..patching import NormAlignModules, get_plugin
-from .format import CONFIG_NAME, MODULES_NAME, PLUGIN_FILES, WEIGHTS_NAME, CheckpointInfo, file_sha256, info_for
+from .format import (
+    BASE_CONFIG_NAME,
+    CONFIG_NAME,
+    MODULES_NAME,
+    PLUGIN_FILES,
+    WEIGHTS_NAME,
+    CheckpointInfo,
+    file_sha256,
+    info_for,
+    is_base_weights,
+)
 from .staging import atomic_directory, file_operation
 
 
@@ -133,8 +143,23 @@ def save_pretrained(
         modules_to_save=paths,
     )
     with atomic_directory(save_directory, replaces=lambda entry: entry in PLUGIN_FILES) as staging:
+        _refuse_full_checkpoint(save_directory)
         write_files(staging, info, plugin.state_dict(), module_state)
     return os.fspath(save_directory)
+
+
+def _refuse_full_checkpoint(directory: str | os.PathLike) -> None:
+    """An adapter saved over a full (fine-tuned) checkpoint would load as the adapter on the original base, the
+    folder's own weights ignored: the fine-tune would silently lose its meaning."""
+    target = os.path.realpath(os.fspath(directory))
+    entries = sorted(os.listdir(target)) if os.path.isdir(target) else []
+    base = [entry for entry in entries if entry == BASE_CONFIG_NAME or is_base_weights(entry)]
+    if base:
+        raise ValueError(
+            f"{target} holds a full model checkpoint ({', '.join(base)}): an adapter-only save there would make it "
+            "load as the adapter on the original base model, with these weights ignored. Save the adapter into "
+            "another folder, or delete those files first if that checkpoint is no longer wanted."
+        )
 
 
 def _module_paths(base: nn.Module, plugin: NormAlignModules, include: Sequence[str]) -> list[str]:
