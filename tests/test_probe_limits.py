@@ -41,3 +41,9 @@ def test_a_passage_at_the_limit_is_kept_whole_and_the_limit_can_be_raised():
     assert torch.equal(at_limit.input_ids, whole.input_ids) and torch.equal(at_limit.text_mask, whole.text_mask)
     with pytest.raises(ValueError, match=f"the passage has {n} tokens, more than max_passage_tokens={n - 1}"):
         prepare_probe(processor, _long_probe(300), max_passage_tokens=n - 1)
+
+
+@pytest.mark.parametrize("limit", [0, 2.5, True, "4096"])
+def test_the_limit_itself_is_checked(limit):
+    with pytest.raises(ValueError, match="max_passage_tokens must be an integer >= 1"):
+        prepare_probe(tiny_processor("llava"), None, num_samples=2, max_passage_tokens=limit)

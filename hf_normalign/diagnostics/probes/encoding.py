@@ -164,6 +164,8 @@ def encode_probe(
     """
     if processor is None:
         raise ValueError("a processor is needed to encode a probe (or pass a list of EncodedSample)")
+    if isinstance(max_passage_tokens, bool) or not isinstance(max_passage_tokens, int) or max_passage_tokens < 1:
+        raise ValueError(f"max_passage_tokens must be an integer >= 1, got {max_passage_tokens!r}")
     tokenizer = _tokenizer(processor)
     prefix, suffix = _prompt_parts(processor, prompt)
     lead = prefix[len(prefix.rstrip(" ")) :]
