@@ -41,7 +41,9 @@ _EXPORTS = {
         "persistence",
     ),
     **dict.fromkeys(("bnb_config", "prepare_for_kbit_training", "quantization_skip_modules"), "quantization"),
-    **dict.fromkeys(("register_architecture", "supported_architectures"), "registry"),
+    **dict.fromkeys(
+        ("get_spec", "register_architecture", "supported_architectures", "unregister_architecture"), "registry"
+    ),
     "ArchitectureSpec": "spec",
     "NormAlignCallback": "callbacks.pre",
 }
@@ -87,6 +89,7 @@ __all__ = [
     "diagnostics",
     "from_pretrained",
     "get_config",
+    "get_spec",
     "is_patched",
     "load_plugin_weights",
     "mark_plugin_trainable",
@@ -102,4 +105,5 @@ __all__ = [
     "supported_architectures",
     "testing",
     "unpatch",
+    "unregister_architecture",
 ]

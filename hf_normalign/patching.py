@@ -283,6 +283,23 @@ def _refuse_partitioned(model: nn.Module) -> None:
         )
 
 
+def _checked_vision_token_ids(base: nn.Module, spec: ArchitectureSpec) -> list[int]:
+    """The config's placeholder ids, checked against the embedding now rather than failing inside the forward."""
+    ids = spec.vision_token_ids(base.config)
+    if spec.placeholder_outside_vocab:
+        return ids
+    embed = spec.input_embeddings(base)
+    rows = embed.weight.shape[0] if hasattr(embed, "weight") else embed.num_embeddings
+    for attr in (spec.image_token_attr, spec.video_token_attr):
+        value = None if attr is None else getattr(base.config, attr, None)
+        if value is not None and value >= rows:
+            raise ValueError(
+                f"config.{attr} is {value}, but this {spec.model_type!r} model's input embedding has {rows} rows "
+                f"(ids 0..{rows - 1}): the forward would fail inside transformers. " + spec.token_attr_hint(attr)
+            )
+    return ids
+
+
 def patch(
     model: nn.Module,
     config: NormAlignConfig | dict | None = None,
@@ -332,7 +349,7 @@ def patch(
     spec.validate(base)
     target = PatchTarget(base, spec, init_weights)
     plugin = NormAlignModules(config, spec)
-    plugin.vision_token_ids = spec.vision_token_ids(base.config)
+    plugin.vision_token_ids = _checked_vision_token_ids(base, spec)
     methods = [method_modules.load(name) for name in config.methods]
     for method in methods:  # each checks its config against the model first: an error leaves the model as it was
         method.build(plugin, target)

@@ -12,12 +12,18 @@ from torch import nn
 from .spec import ArchitectureSpec
 
 _REGISTRY: dict[str, ArchitectureSpec] = {}
+_BUILTIN: dict[str, ArchitectureSpec] = {}  # the shipped specs, kept to restore an overridden family
 
 
 def register_architecture(spec: ArchitectureSpec, *, overwrite: bool = False) -> ArchitectureSpec:
-    """Register a spec for a VLM family, keyed by `spec.model_type`. Returns the spec."""
+    """Register a spec for a VLM family, keyed by `spec.model_type`. Returns the spec.
+
+    Replacing a registered family (a built-in one included) needs ``overwrite=True`` and affects that family only;
+    :func:`unregister_architecture` undoes it.
+    """
     if not isinstance(spec, ArchitectureSpec):
         raise TypeError(f"register_architecture expects an ArchitectureSpec, got {type(spec).__name__}")
+    _load_builtin_specs()  # first, so a user spec is never mistaken for a built-in one, nor one clobbered by it
     if spec.model_type in _REGISTRY and not overwrite and _REGISTRY[spec.model_type] != spec:
         raise ValueError(
             f"An architecture is already registered for model_type {spec.model_type!r}; "
@@ -25,6 +31,38 @@ def register_architecture(spec: ArchitectureSpec, *, overwrite: bool = False) ->
         )
     _REGISTRY[spec.model_type] = spec
     return spec
+
+
+def unregister_architecture(model_type: str) -> ArchitectureSpec:
+    """Undo :func:`register_architecture` for ``model_type``; returns the spec that was removed.
+
+    A built-in family gets its shipped spec back; another family is no longer supported. Models patched earlier
+    keep the spec they were patched with.
+
+    Example:
+        >>> import dataclasses, hf_normalign as normalign
+        >>> spec = dataclasses.replace(normalign.get_spec("llava"), input_module="model.language_model")
+        >>> _ = normalign.register_architecture(spec, overwrite=True)
+        >>> normalign.unregister_architecture("llava") is spec
+        True
+    """
+    _load_builtin_specs()
+    if model_type not in _REGISTRY:
+        raise ValueError(
+            f"No architecture is registered for model_type {model_type!r}; registered: {', '.join(sorted(_REGISTRY))}."
+        )
+    current = _REGISTRY[model_type]
+    builtin = _BUILTIN.get(model_type)
+    if builtin is None:
+        del _REGISTRY[model_type]
+    elif current is builtin:
+        raise ValueError(
+            f"{model_type!r} is a built-in family with its shipped spec: there is no registration to undo "
+            "(built-in families cannot be removed)."
+        )
+    else:
+        _REGISTRY[model_type] = builtin
+    return current
 
 
 def supported_architectures() -> list[str]:
@@ -74,14 +112,11 @@ def embedding_scale(model: nn.Module, spec: ArchitectureSpec, *, eps: float = 1e
     return total / count
 
 
-_builtin_loaded = False
-
-
 def _load_builtin_specs() -> None:
-    global _builtin_loaded
-    if not _builtin_loaded:
-        _builtin_loaded = True
-        from hf_normalign.patches import SPECS
+    if _BUILTIN:
+        return
+    from hf_normalign.patches import SPECS
 
-        for spec in SPECS:
-            register_architecture(spec)
+    builtin = {spec.model_type: spec for spec in SPECS}
+    _REGISTRY.update(builtin)
+    _BUILTIN.update(builtin)

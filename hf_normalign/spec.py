@@ -104,6 +104,9 @@ class ArchitectureSpec:
             (Qwen3-VL's deepstack mergers, a ModuleList).
         layers_attr / embed_attr: attribute names of the decoder layers and input embedding on the
             language model.
+        placeholder_outside_vocab: the model itself swaps a placeholder id beyond its vocabulary for a valid one
+            before embedding (Gemma 3, PaliGemma), so `patch` accepts such an id; elsewhere it must be < the number
+            of input-embedding rows.
         vision_grid: how an image's vision tokens lie on its picture, for the diagnostics' patch labels:
             ``"square"`` (a square count of tokens is one row-major grid) or ``"overview_tile"`` (an overview
             tile of (image_size / patch_size)^2 tokens first, then high-res tiles: LLaVA-NeXT / OneVision).
@@ -129,6 +132,7 @@ class ArchitectureSpec:
     embed_attr: str = "embed_tokens"
     lm_head: str = "lm_head"
     vision_grid: str = "square"
+    placeholder_outside_vocab: bool = False
     tiny: TinyRecipe | None = field(default=None, compare=False, repr=False)
     build: BuildRecipe | None = field(default=None, compare=False, repr=False)
 
@@ -152,16 +156,41 @@ class ArchitectureSpec:
         return getattr(self.get(model, self.language_model), self.embed_attr)
 
     def vision_token_ids(self, config) -> list[int]:
-        ids = [getattr(config, self.image_token_attr, None)]
-        if self.video_token_attr is not None:
-            ids.append(getattr(config, self.video_token_attr, None))
-        ids = [int(i) for i in ids if i is not None]
+        """The placeholder ids of the vision positions, read from `config`: integers >= 0, or a clear error."""
+        ids = []
+        for attr in (self.image_token_attr, self.video_token_attr):
+            value = None if attr is None else getattr(config, attr, None)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(
+                    f"config.{attr} of this {self.model_type!r} model is {value!r} ({type(value).__name__}); it must "
+                    "be the id of the placeholder token, an integer >= 0. " + self.token_attr_hint(attr)
+                )
+            ids.append(value)
         if not ids:
             raise ValueError(
-                f"config.{self.image_token_attr} is not set on this {self.model_type!r} config, so vision "
-                "positions cannot be found. Set it to the image placeholder token id."
+                f"config.{self.image_token_attr} is not set on this {self.model_type!r} config "
+                f"({type(config).__name__}), so the vision positions cannot be found. "
+                + self.token_attr_hint(self.image_token_attr, renamed=True)
             )
         return ids
+
+    def token_attr_hint(self, attr: str, *, renamed: bool = False) -> str:
+        """How to give a model the placeholder id that config attribute `attr` should hold (and, `renamed`, how to
+        read it from another attribute)."""
+        kind = "video" if attr == self.video_token_attr else "image"
+        hint = (
+            f"Set it to the {kind} placeholder's id, e.g. `model.config.{attr} = "
+            f"processor.tokenizer.convert_tokens_to_ids(processor.{kind}_token)`"
+        )
+        if not renamed:
+            return hint + "."
+        return hint + (
+            "; if your config stores it under another name, register a spec that reads that one: "
+            "`hf_normalign.register_architecture(dataclasses.replace(hf_normalign.get_spec("
+            f"{self.model_type!r}), {kind}_token_attr='<name>'), overwrite=True)`."
+        )
 
     def hidden_size(self, config) -> int:
         return int(config.get_text_config().hidden_size)
@@ -188,11 +217,17 @@ class ArchitectureSpec:
                 if not hasattr(language_model, attr):
                     missing.append(f"module {self.language_model}.{attr!r}")
         config = model.config
-        for attr in (self.image_token_attr, self.video_token_attr):
-            if attr is not None and not hasattr(config, attr):  # renamed; None is `vision_token_ids`' to report
-                missing.append(f"config attribute {attr!r}")
+        # Absent (renamed, or a custom config); present but None is `vision_token_ids`' to report.
+        tokens = [a for a in (self.image_token_attr, self.video_token_attr) if a is not None and not hasattr(config, a)]
+        missing += [f"config attribute {attr!r}" for attr in tokens]
         if getattr(config.get_text_config(), "hidden_size", None) is None:
             missing.append("config attribute 'text_config.hidden_size'")
+        if missing and len(missing) == len(tokens):  # only the placeholder id is missing: the user can set it
+            raise ValueError(
+                f"This {self.model_type!r} model's config ({type(config).__name__}) has no attribute "
+                f"{' or '.join(map(repr, tokens))}, which hf-normalign reads to find the vision positions. "
+                + self.token_attr_hint(tokens[0], renamed=True)
+            )
         if missing:
             import transformers
 

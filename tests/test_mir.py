@@ -253,10 +253,12 @@ def test_error_image_that_does_not_decode(llava, tmp_path):
 
 def test_error_fewer_than_two_tokens(llava):
     model, proc = llava
-    probe = Probe.from_pairs([(Image.new("RGB", (32, 32)), "a")])
-    assert encode_probe(proc, probe)[0].num_text_tokens == 1
+    probe = Probe.from_pairs([(Image.new("RGB", (32, 32)), "a")] * 2)
+    one, other = encode_probe(proc, probe)
+    assert one.num_text_tokens == 1
+    other = EncodedSample(other.inputs, torch.zeros_like(other.text_mask), "no text")  # encoded samples may have none
     with pytest.raises(ValueError, match="at least 2 text tokens"):
-        mir(model, proc, probe, progress=False)
+        mir(model, proc, [one, other], progress=False)
 
 
 @pytest.mark.parametrize("outliers", ["replace_median", "none"])
@@ -270,12 +272,12 @@ def test_error_non_finite_features_name_the_layer(outliers):
 
 def test_error_prompt_without_vision_tokens(llava):
     model, proc = llava
-    sample = encode_probe(proc, default_probe(1))[0]
+    sample = encode_probe(proc, default_probe(2))[0]
     ids = sample.input_ids.clone()
     ids[vision_mask(model, ids)] = 7
     broken = EncodedSample({**sample.inputs, "input_ids": ids[None]}, sample.text_mask, "sample-x")
     with pytest.raises(ValueError, match="sample-x: the prompt has no vision tokens"):
-        mir(model, proc, [broken], progress=False)
+        mir(model, proc, [sample, broken], progress=False)
 
 
 # --- command line ------------------------------------------------------------------------------------

@@ -98,3 +98,30 @@ def test_arguments_are_checked():
         MIRCallback(every_n_steps=0)
     with pytest.raises(ValueError, match="patience"):
         MIRCallback(early_stopping_patience=0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "phrase"),
+    [
+        ({"every_n_steps": 2.5}, "every_n_steps must be an integer >= 1, got 2.5"),
+        ({"every_n_steps": True}, "every_n_steps must be an integer >= 1, got True"),
+        ({"num_samples": 0}, r"num_samples must be an integer >= 2 \(MIR needs at least 2 image-text pairs\), got 0"),
+        ({"num_samples": 1}, "num_samples must be an integer >= 2"),
+        ({"num_samples": 4.0}, "num_samples must be an integer >= 2"),
+        ({"batch_size": 0}, "batch_size must be an integer >= 1"),
+        ({"seed": "0"}, "seed must be an integer >= 0"),
+        ({"early_stopping_patience": 1.5}, "early_stopping_patience must be an integer >= 1"),
+        ({"min_delta": float("nan")}, "min_delta must be a finite number >= 0, got nan"),
+        ({"min_delta": float("inf")}, "min_delta must be a finite number >= 0, got inf"),
+        ({"min_delta": "0.01"}, "min_delta must be a finite number"),
+        ({"min_delta": -0.1}, "min_delta must be >= 0, got -0.1"),
+    ],
+)
+def test_bad_arguments_are_refused_at_construction(kwargs, phrase):
+    with pytest.raises(ValueError, match=f"MIRCallback: {phrase}"):
+        MIRCallback(**kwargs)
+
+
+def test_the_accepted_edge_values():
+    callback = MIRCallback(every_n_steps=1, num_samples=None, early_stopping_patience=None, min_delta=0)
+    assert (callback.every_n_steps, callback.num_samples, callback.min_delta) == (1, None, 0)

@@ -227,6 +227,26 @@ def test_bad_arguments_fail_early():
         trl_kwargs(patched_model(), "sft", peft_config=LoraConfig(target_modules="all-linear", exclude_modules="x.*"))
 
 
+def test_sft_with_peft_config_and_the_plain_callback_stops_at_train_begin(tmp_path):
+    """The set-up a reader of the Trainer section tries first: TRL's peft_config freezes the plugin, and the plain
+    NormAlignCallback refuses it (naming trl_kwargs) instead of training 0 plugin tensors and saving none."""
+    model = patched_model()
+    before = copy.deepcopy(get_plugin(model).state_dict())
+    args = SFTConfig(
+        output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, bf16=False, use_cpu=True,
+        report_to=[], save_steps=1, max_length=None, learning_rate=1e-2,
+    )  # fmt: skip
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=sft_data(), processing_class=tiny_processor("llava"),
+        peft_config=LoraConfig(target_modules=["q_proj", "v_proj"]), callbacks=[normalign.NormAlignCallback()],
+    )  # fmt: skip
+    total = len(list(get_plugin(trainer.model).parameters()))
+    with pytest.raises(ValueError, match=f"{total} of {total} hf-normalign plugin tensors are frozen.*trl_kwargs"):
+        trainer.train()
+    assert trainer.state.global_step == 0 and not (tmp_path / "checkpoint-1").exists()
+    assert all(torch.equal(v, before[k]) for k, v in get_plugin(trainer.model).state_dict().items())
+
+
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_tiny_processors_have_chat_template_and_save(family, tmp_path):
     try:

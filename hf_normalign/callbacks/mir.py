@@ -66,10 +66,20 @@ class MIRCallback(TrainerCallback):
         log_per_layer: bool = False,
         **mir_kwargs: Any,
     ) -> None:
-        if every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
-        if early_stopping_patience is not None and early_stopping_patience < 1:
-            raise ValueError(f"early_stopping_patience must be >= 1 or None, got {early_stopping_patience}")
+        _require_int("every_n_steps", every_n_steps, minimum=1)
+        if num_samples is not None:
+            _require_int("num_samples", num_samples, minimum=2, why=" (MIR needs at least 2 image-text pairs)")
+        _require_int("batch_size", batch_size, minimum=1)
+        _require_int("seed", seed, minimum=0)
+        if early_stopping_patience is not None:
+            _require_int("early_stopping_patience", early_stopping_patience, minimum=1, why=" (or None)")
+        if isinstance(min_delta, bool) or not isinstance(min_delta, (int, float)) or not math.isfinite(min_delta):
+            raise ValueError(f"MIRCallback: min_delta must be a finite number >= 0, got {min_delta!r}")
+        if min_delta < 0:
+            raise ValueError(
+                f"MIRCallback: min_delta must be >= 0, got {min_delta!r}: a negative margin would count a rising MIR "
+                "as an improvement"
+            )
         self.processor = processor
         self.probe = probe
         self.every_n_steps = every_n_steps
@@ -122,3 +132,9 @@ class MIRCallback(TrainerCallback):
         if logs is not None and "loss" in logs and self._unlogged:
             add_to_step_log(state, logs, self._unlogged)
             self._unlogged = {}
+
+
+def _require_int(name: str, value: Any, *, minimum: int, why: str = "") -> None:
+    """``ValueError`` naming the argument unless `value` is an int (not a bool) >= `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"MIRCallback: {name} must be an integer >= {minimum}{why}, got {value!r}")

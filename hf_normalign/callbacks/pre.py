@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
-from transformers import TrainerCallback
+from transformers import PreTrainedModel, TrainerCallback
 
 from ..patching import get_plugin, set_loss_scaler
+from .adapter_files import save_plugin_with_adapter
 from .stack import calling_trainer
 from .step_log import add_to_step_log, run_before_reporters
 
@@ -22,19 +23,46 @@ class NormAlignCallback(TrainerCallback):
     For any patched model it also refuses, when training begins, a DeepSpeed ZeRO-3 engine that saves without
     gathering the weights: its checkpoints would hold no hf-normalign weights.
 
+    When training begins it refuses a model that is not patched (the callback would do nothing) and a plugin
+    with frozen parameters (``peft.get_peft_model`` and TRL's ``peft_config`` freeze them): by then the Trainer
+    has built its optimizer, so they would never train. Call ``hf_normalign.mark_plugin_trainable(peft_model)``
+    before building the Trainer, or use ``hf_normalign.integrations.trl.trl_kwargs`` with TRL; pass
+    ``allow_frozen_plugin=True`` to keep a frozen plugin on purpose. On a PEFT model it makes
+    ``save_pretrained`` (``save_model()``, every ``checkpoint-N``) write the plugin files beside the adapter, which
+    resuming restores.
+
     Example:
         >>> trainer = Trainer(model, args, train_dataset=ds, callbacks=[normalign.NormAlignCallback()])
         ... # doctest: +SKIP
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, allow_frozen_plugin: bool = False) -> None:
+        if not isinstance(allow_frozen_plugin, bool):
+            raise TypeError(f"allow_frozen_plugin must be True or False, got {allow_frozen_plugin!r}")
+        self.allow_frozen_plugin = allow_frozen_plugin
         self._step = [0.0, 0]  # sum and count of this optimizer step's PRe values (one per micro-batch)
         self._logged = [0.0, 0]  # the same since the last log, over every process
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         plugin = get_plugin(model) if model is not None else None
         if plugin is None:
-            return
+            raise ValueError(
+                "NormAlignCallback was given a model that is not patched by hf-normalign, so it has nothing to do "
+                "and the run would train the plain model. Patch it first (hf_normalign.patch(model, methods=...)) "
+                "or leave the callback out (e.g. for a baseline run)."
+            )
+        frozen = [name for name, p in plugin.named_parameters() if not p.requires_grad]
+        if frozen and not self.allow_frozen_plugin:
+            raise ValueError(
+                f"{len(frozen)} of {len(list(plugin.parameters()))} hf-normalign plugin tensors are frozen "
+                f"(requires_grad=False: {', '.join(frozen[:3])}{', ...' if len(frozen) > 3 else ''}), so they would "
+                "never train: PEFT freezes them (get_peft_model, or TRL's peft_config), and the Trainer has built its "
+                "optimizer before this check. Call hf_normalign.mark_plugin_trainable(peft_model) before creating the "
+                "Trainer; with TRL and peft_config, pass **hf_normalign.integrations.trl.trl_kwargs(model, 'sft', "
+                "peft_config=...) instead. To keep them frozen on purpose: NormAlignCallback(allow_frozen_plugin=True)."
+            )
+        if hasattr(model, "peft_config") and not isinstance(model, PreTrainedModel):  # a PeftModel: adapter-only saves
+            save_plugin_with_adapter(model)
         run_before_reporters(self)  # `pre_loss` is printed and reported with `loss`
         _check_zero3_saves_weights(calling_trainer())
         if plugin.config.pre is not None and args.fp16 and args.deepspeed:

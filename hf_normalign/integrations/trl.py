@@ -33,20 +33,18 @@ References never compute PRe: it changes no output, only adds a loss the referen
 from __future__ import annotations
 
 import copy
-import functools
-import os
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..callbacks.adapter_files import save_plugin_with_adapter
 from ..callbacks.pre import NormAlignCallback
 from ..callbacks.stack import calling_trainer
 from ..config import NormAlignConfig
 from ..modeling import get_base_model
 from ..patching import get_config, get_plugin, patch, unpatch
 from ..peft_utils import mark_plugin_trainable, plugin_lora_exclude_modules
-from ..persistence import save_pretrained
 
 __all__ = ["TRAINERS", "NormAlignTRLCallback", "reference_model", "trl_kwargs"]
 
@@ -138,7 +136,7 @@ class NormAlignTRLCallback(NormAlignCallback):
     def on_init_end(self, args, state, control, model=None, **kwargs):
         if model is not None and hasattr(model, "peft_config"):  # TRL wrapped it: PEFT froze the plugin
             mark_plugin_trainable(model)
-            _save_plugin_with_adapter(model)
+            save_plugin_with_adapter(model)
             _AdapterReference(model, self._initial).install()
         return control
 
@@ -166,28 +164,6 @@ class NormAlignTRLCallback(NormAlignCallback):
             return  # ours (reference_model) or an aligned checkpoint reloaded by load-time patching
         _repatch_without_pre(ref, self._config, self._initial)
         ref.eval().requires_grad_(False)
-
-
-# --- PEFT: saving the plugin beside the adapter -------------------------------------------------------------
-
-
-def _save_plugin_with_adapter(peft_model: nn.Module) -> None:
-    """``peft_model.save_pretrained`` (``save_model()``, every ``checkpoint-N``) also writes the plugin files,
-    which the Trainer's resume (wrapped by hf-normalign) loads back."""
-    original = peft_model.save_pretrained
-    if getattr(original, "_normalign_saves_plugin", False):
-        return
-
-    @functools.wraps(original)
-    def save_with_plugin(save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
-        result = original(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True):
-            name = get_base_model(peft_model).name_or_path or os.fspath(save_directory)
-            save_pretrained(peft_model, save_directory, adapter_only=True, include=(), base_model_name_or_path=name)
-        return result
-
-    save_with_plugin._normalign_saves_plugin = True  # type: ignore[attr-defined]
-    peft_model.save_pretrained = save_with_plugin
 
 
 # --- PEFT: the reference pass runs the initial plugin -------------------------------------------------------

@@ -8,6 +8,7 @@ from ._tiny import IMAGE_ID, IMG_END_ID, IMG_START_ID, VIT, text
 SPEC = ArchitectureSpec(
     model_type="gemma3",
     **LLAVA_STYLE,
+    placeholder_outside_vocab=True,  # the model maps an out-of-vocabulary image id to 0 before embedding
     tiny=TinyRecipe(
         config={
             "text_config": text("gemma3_text"),

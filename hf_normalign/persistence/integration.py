@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from accelerate.utils.constants import FSDP_MODEL_NAME
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import logging
@@ -20,7 +21,15 @@ from transformers.utils import logging
 from ..hub import push_to_hub
 from ..modeling import get_base_model
 from ..patching import ATTRIBUTE, get_plugin
-from .format import CONFIG_NAME, PLUGIN_FILES, WEIGHTS_NAME, info_for, is_base_weights
+from .format import (
+    CONFIG_NAME,
+    PLUGIN_FILES,
+    WEIGHTS_NAME,
+    CheckpointInfo,
+    NormAlignCheckpointError,
+    info_for,
+    is_base_weights,
+)
 from .load import find_config, load_aligned, load_plugin_weights
 from .save import write_files
 from .staging import atomic_directory, writer_lock
@@ -141,19 +150,51 @@ def push_wrapper(wrapped: Callable[..., Any], instance: PreTrainedModel, args: t
     return push_to_hub(instance, **arguments)
 
 
+RESUME_WITHOUT_PLUGIN_ENV = "HF_NORMALIGN_RESUME_WITHOUT_PLUGIN"
+
+
 def resume_wrapper(wrapped: Callable[..., Any], trainer: Any, args: tuple, kwargs: dict) -> Any:
-    """``Trainer._load_from_checkpoint``: the plugin is in ``normalign.safetensors``, not ``model.safetensors``."""
-    result = wrapped(*args, **kwargs)
+    """``Trainer._load_from_checkpoint``: the plugin is in ``normalign.safetensors``, not ``model.safetensors``.
+
+    A checkpoint without that file is refused before anything is loaded (the run would go on with the plugin
+    as it is now, e.g. freshly initialised), unless ``HF_NORMALIGN_RESUME_WITHOUT_PLUGIN=1`` says so on purpose.
+    """
     arguments = inspect.signature(wrapped).bind(*args, **kwargs).arguments
-    _restore_plugin(arguments.get("model") or trainer.model, arguments["resume_from_checkpoint"])
+    model, checkpoint = arguments.get("model") or trainer.model, arguments["resume_from_checkpoint"]
+    _require_plugin_file(model, checkpoint, "resume from")
+    result = wrapped(*args, **kwargs)
+    _restore_plugin(model, checkpoint)
     return result
 
 
 def best_model_wrapper(wrapped: Callable[..., Any], trainer: Any, args: tuple, kwargs: dict) -> Any:
     """``Trainer._load_best_model`` (``load_best_model_at_end``): the same for the best checkpoint."""
+    _require_plugin_file(trainer.model, trainer.state.best_model_checkpoint, "load the best model from")
     result = wrapped(*args, **kwargs)
     _restore_plugin(trainer.model, trainer.state.best_model_checkpoint)
     return result
+
+
+def _require_plugin_file(model: nn.Module, checkpoint: str | None, action: str) -> None:
+    """Refuse a Trainer checkpoint of a patched model that lacks the plugin weights (the opt-out is logged)."""
+    if not checkpoint or get_plugin(model) is None or os.path.isfile(os.path.join(checkpoint, WEIGHTS_NAME)):
+        return
+    if any(name.startswith(FSDP_MODEL_NAME) for name in os.listdir(checkpoint)):
+        return  # an FSDP checkpoint holds the whole module tree, plugin included, and loads it as such
+    env = os.environ.get(RESUME_WITHOUT_PLUGIN_ENV, "").strip().lower()
+    if env in ("1", "true", "yes", "on"):
+        logger.warning(
+            f"{checkpoint} has no {WEIGHTS_NAME}; {RESUME_WITHOUT_PLUGIN_ENV}={env}: going on with the hf-normalign "
+            "plugin weights the model has now."
+        )
+        return
+    raise NormAlignCheckpointError(
+        f"Cannot {action} {checkpoint}: the model is patched by hf-normalign but the checkpoint has no "
+        f"{WEIGHTS_NAME}, so the plugin would silently restart from the weights it has now (its initialisation "
+        f"for a fresh model). Restore the file from a copy of the checkpoint, or, to go on without it on purpose, "
+        f"set {RESUME_WITHOUT_PLUGIN_ENV}=1. (PEFT checkpoints hold only the adapter unless the plugin is saved "
+        "beside it: hf_normalign.integrations.trl.trl_kwargs or NormAlignCallback do that.)"
+    )
 
 
 def _restore_plugin(model: nn.Module, checkpoint: str | None) -> None:

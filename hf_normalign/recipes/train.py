@@ -607,7 +607,8 @@ def build_trainer(config: RecipeConfig) -> Trainer:
     # Seed before the plugin and LoRA are initialised, so runs are reproducible (the Trainer seeds again later).
     set_seed(config.training.seed)
     model = setup_stage(load_model(config), config)
-    callbacks: list[TrainerCallback] = [normalign.NormAlignCallback()]
+    # The baseline trains the unpatched model, which NormAlignCallback refuses (it would have nothing to do).
+    callbacks: list[TrainerCallback] = [] if config.baseline else [normalign.NormAlignCallback()]
     if config.model.lora or config.model.qlora:
         callbacks.append(_PluginCheckpointCallback(config.model.model_name_or_path))
     if config.recipe.mir_every:

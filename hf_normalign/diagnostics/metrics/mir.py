@@ -153,8 +153,9 @@ def mir(
         JSON: ``result.to_dict()``.
 
     Raises:
-        ValueError: an empty probe, an image that does not decode (naming the file), a prompt without
-            vision tokens, fewer than 2 tokens of a modality, non-finite features (naming the layer).
+        ValueError: an empty probe or fewer than 2 pairs, an image that does not decode (naming the file), a
+            passage over the encoding limit (naming it), a prompt without vision tokens, fewer than 2 tokens of a
+            modality, non-finite features (naming the layer).
     """
     given = {
         "outliers": outliers,
@@ -169,6 +170,12 @@ def mir(
     base = get_base_model(model)
     selected = resolve_layers(base, layers, include_embeddings=include_embeddings)
     samples = prepare_probe(processor, probe, num_samples=num_samples, seed=seed, prompt=prompt, progress=progress)
+    if len(samples) < 2:
+        raise ValueError(
+            f"MIR compares vision and text tokens over several image-text pairs and needs at least 2, got "
+            f"{len(samples)}: one pair's covariances describe a single image and passage. Pass num_samples >= 2 "
+            "(and a probe that large); the MIR paper found N >= 20 pairs stable."
+        )
     vision_ids = vision_token_ids(base)
     check_samples(samples, vision_ids)
     samples = select_text_tokens(samples, vision_ids, text_tokens)

@@ -8,6 +8,7 @@ Example:
 """
 
 from .encoding import (
+    MAX_PASSAGE_TOKENS,
     TEXT_TOKENS,
     EncodedSample,
     check_samples,
@@ -36,6 +37,7 @@ __all__ = [
     "DEFAULT_KINDS",
     "DEFAULT_PROBE_SIZE",
     "IMAGE_EXTENSIONS",
+    "MAX_PASSAGE_TOKENS",
     "SHAPE_CLASSES",
     "TEXT_TOKENS",
     "EncodedSample",

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from .probe import DEFAULT_PROBE_SIZE, Probe, ProbeSample, default_probe, sample_indices
 
 __all__ = [
+    "MAX_PASSAGE_TOKENS",
     "TEXT_TOKENS",
     "EncodedSample",
     "check_samples",
@@ -40,6 +41,9 @@ __all__ = [
 ]
 
 TEXT_TOKENS: tuple[str, ...] = ("passage", "after_image")
+# Longest passage encoded by default: a whole CNN/DM story (the MIR paper's texts) fits; a runaway file (50k words)
+# is refused before a forward pass tries to allocate attention over it.
+MAX_PASSAGE_TOKENS = 4096
 
 
 # Stands in for the passage while the chat template is rendered; split on afterwards.
@@ -134,7 +138,12 @@ def _prompt_parts(processor: Any, prompt: str | None) -> tuple[str, str]:
 
 
 def encode_probe(
-    processor: Any, probe: Probe | Sequence[ProbeSample], *, prompt: str | None = None, progress: bool = False
+    processor: Any,
+    probe: Probe | Sequence[ProbeSample],
+    *,
+    prompt: str | None = None,
+    progress: bool = False,
+    max_passage_tokens: int = MAX_PASSAGE_TOKENS,
 ) -> list[EncodedSample]:
     """Model inputs for every pair of ``probe``: the image in the user turn, then the passage.
 
@@ -142,6 +151,8 @@ def encode_probe(
     model's image placeholder where the image goes, e.g. ``"USER: <image>\\n{text} ASSISTANT:"``.
     Without a chat template the prompt is ``"<image placeholder>\\n{text}"``. Spaces ending the
     prefix move to the start of the passage, so the passage tokenizes as it would in running text.
+    A passage longer than ``max_passage_tokens`` tokens is refused (``ValueError`` naming the sample), never
+    truncated: truncating would change the text being measured.
 
     Example:
         >>> from hf_normalign.testing import tiny_processor
@@ -153,6 +164,8 @@ def encode_probe(
     """
     if processor is None:
         raise ValueError("a processor is needed to encode a probe (or pass a list of EncodedSample)")
+    if isinstance(max_passage_tokens, bool) or not isinstance(max_passage_tokens, int) or max_passage_tokens < 1:
+        raise ValueError(f"max_passage_tokens must be an integer >= 1, got {max_passage_tokens!r}")
     tokenizer = _tokenizer(processor)
     prefix, suffix = _prompt_parts(processor, prompt)
     lead = prefix[len(prefix.rstrip(" ")) :]
@@ -169,6 +182,12 @@ def encode_probe(
         passage = tokenizer(lead + sample.text, add_special_tokens=False)["input_ids"]
         if not passage:
             raise ValueError(f"{sample.name}: the passage has no tokens")
+        if len(passage) > max_passage_tokens:
+            raise ValueError(
+                f"{sample.name}: the passage has {len(passage)} tokens, more than max_passage_tokens="
+                f"{max_passage_tokens}. Shorten it, or encode the probe with a higher limit, "
+                "prepare_probe(processor, probe, max_passage_tokens=N), and pass the encoded samples as the probe."
+            )
         out.append(_append_tokens(inputs, passage, suffix_ids, sample.name))
     return out
 
@@ -200,10 +219,12 @@ def prepare_probe(
     seed: int = 0,
     prompt: str | None = None,
     progress: bool = False,
+    max_passage_tokens: int = MAX_PASSAGE_TOKENS,
 ) -> list[EncodedSample]:
     """Encoded samples for a probe: ``None`` (the built-in probe), a :class:`~.probe.Probe`,
     ``(image, text)`` pairs, or encoded samples (passed through). ``num_samples`` keeps a seeded subset
-    (:func:`~.probe.sample_indices`, same pairs for the same seed); ``None`` keeps all.
+    (:func:`~.probe.sample_indices`, same pairs for the same seed); ``None`` keeps all. ``max_passage_tokens``:
+    as :func:`encode_probe`.
 
     Example:
         >>> from hf_normalign.testing import tiny_processor
@@ -220,7 +241,7 @@ def prepare_probe(
         return samples
     if all(isinstance(s, tuple) for s in samples):
         samples = Probe.from_pairs(samples).samples
-    return encode_probe(processor, samples, prompt=prompt, progress=progress)
+    return encode_probe(processor, samples, prompt=prompt, progress=progress, max_passage_tokens=max_passage_tokens)
 
 
 def check_samples(samples: Sequence[EncodedSample], vision_ids: Sequence[int]) -> None:
