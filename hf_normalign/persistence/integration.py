@@ -25,7 +25,6 @@ from .format import (
     CONFIG_NAME,
     PLUGIN_FILES,
     WEIGHTS_NAME,
-    CheckpointInfo,
     NormAlignCheckpointError,
     info_for,
     is_base_weights,
