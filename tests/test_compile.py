@@ -59,6 +59,7 @@ def static_generate_twice(model: torch.nn.Module, batch: dict[str, torch.Tensor]
     return [model.generate(**batch, **kwargs) for _ in range(2)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_static_cache_compiled_generate_compiles_as_often_as_unpatched(family: str) -> None:
     model = tiny_model(family)
