@@ -12,6 +12,8 @@ tensor values):
   decoder-layer hooks  -> each method's `at_layer` on the layer output, in `METHODS` order: MoCa on vision
                           positions (`where` over the mask), then the PRe loss at its layer
   PRe's root post-hook -> `outputs.loss += weight * pre_loss`, `outputs["pre_loss"]`
+Around them, on the root and the input module: enter / exit hooks counting the eager forwards in flight, so that
+`unpatch` can refuse to run during one (`NormAlignModules.forward_entered`).
 """
 
 from __future__ import annotations
@@ -70,6 +72,17 @@ def _layer_hook(layer_idx, steps, ref, module, args, kwargs, output):
     return (hidden, *output[1:])
 
 
+def _enter_hook(ref, module, args):
+    # Eager only: a compiled forward keeps no Python state (dynamo folds `is_compiling()`, so nothing is traced).
+    if not torch.compiler.is_compiling():
+        ref().forward_entered()
+
+
+def _exit_hook(ref, module, args, output):
+    if not torch.compiler.is_compiling():
+        ref().forward_exited()
+
+
 def register_hooks(plugin: nn.Module, target: Any, methods: Sequence[ModuleType]) -> None:
     """Register the hooks of ``plugin`` (a ``NormAlignModules``) on ``target``'s modules, through
     ``plugin.add_hook``: the vision mask, each method's own hooks, one hook per decoder layer a method acts at."""
@@ -86,3 +99,8 @@ def register_hooks(plugin: nn.Module, target: Any, methods: Sequence[ModuleType]
         # ours must run first for the recorded states to include MoCa.
         hook = functools.partial(_layer_hook, i, tuple(steps[i]))
         plugin.add_hook(target.layers[i], "forward", hook, prepend=True, with_kwargs=True)
+    # Last, around all of the above: the in-flight count `unpatch` checks. On the input module too, which TRL's
+    # fused-loss forward calls directly.
+    for module in dict.fromkeys((target.base, target.input_module)):
+        plugin.add_hook(module, "forward_pre", _enter_hook, prepend=True)
+        plugin.add_hook(module, "forward", _exit_hook, always_call=True)

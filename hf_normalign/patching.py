@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import threading
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ class _Hook:
     module: nn.Module
     kind: str  # "forward_pre" or "forward"
     hook_id: int
-    fn: Callable[..., Any]
+    bound: _BoundHook
 
     def hook_dict(self, module: nn.Module) -> dict[int, Callable[..., Any]]:
         return module._forward_pre_hooks if self.kind == "forward_pre" else module._forward_hooks
@@ -71,6 +72,47 @@ class NormAlignModules(nn.Module):
         # The unweighted PRe loss of the latest forward that computed one (detached), for logging only.
         self.last_pre_loss: torch.Tensor | None = None
         self._hooks: list[_Hook] = []
+        self._reset_forward_tracking()
+
+    def _reset_forward_tracking(self) -> None:
+        # Eager forwards of the patched model now running (counted by the enter/exit hooks of
+        # `hf_normalign.hooks`), so `unpatch` refuses instead of leaving them half-patched. `_depth` is per thread:
+        # hooks nest (root, then input module), and an exit hook also runs (always_call) when a pre-hook before
+        # the enter hook raised.
+        self._in_flight = 0
+        self._unpatching = False
+        self._flight_lock = threading.Lock()
+        self._depth = threading.local()
+
+    def forward_entered(self) -> None:
+        """Called by the enter hook of an eager forward; refuses forwards that start while `unpatch` runs."""
+        with self._flight_lock:
+            if self._unpatching:
+                raise RuntimeError(
+                    "hf_normalign.unpatch() is removing this model's hooks while this forward starts (another "
+                    "thread), so it would run half-patched. Run forwards before or after unpatch(), not during it."
+                )
+            depth = getattr(self._depth, "value", 0)
+            self._in_flight += depth == 0  # the root's and the input module's hooks of one forward count once
+            self._depth.value = depth + 1
+
+    def forward_exited(self) -> None:
+        """Called by the exit hook (also when the forward raised)."""
+        with self._flight_lock:
+            depth = getattr(self._depth, "value", 0)
+            if depth > 0:  # 0: this thread's enter hook never ran
+                self._depth.value = depth - 1
+                self._in_flight -= depth == 1
+
+    def _begin_unpatch(self) -> None:
+        with self._flight_lock:
+            if self._in_flight:
+                raise RuntimeError(
+                    f"hf_normalign.unpatch(): {self._in_flight} forward(s) of this model are running (in other "
+                    "threads); removing the hooks now would leave them half-patched. Wait for them to finish (join "
+                    "the threads / shut the executor down), then call unpatch()."
+                )
+            self._unpatching = True
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> NormAlignModules:
         # `model.to(torch.bfloat16)` / `.half()` reach the plugin too; its few parameters train in fp32
@@ -83,15 +125,16 @@ class NormAlignModules(nn.Module):
 
     # --- bookkeeping -------------------------------------------------------------------------
     def add_hook(self, module: nn.Module, kind: str, fn: Callable[..., Any], **kwargs: Any) -> None:
-        bound = _BoundHook(fn, self)
+        bound = _BOUND_HOOK_CLASSES[kind, bool(kwargs.get("with_kwargs"))](fn, self)
         register = module.register_forward_pre_hook if kind == "forward_pre" else module.register_forward_hook
         handle = register(bound, **kwargs)
-        self._hooks.append(_Hook(module, kind, handle.id, fn))
+        self._hooks.append(_Hook(module, kind, handle.id, bound))
 
     def remove_hooks(self, root: nn.Module) -> None:
         """Remove this plugin's hooks from every module under `root`, including copies of hooked modules
-        (PEFT's `modules_to_save` copies the projector, hooks included)."""
-        for module in root.modules():
+        (PEFT's `modules_to_save` copies the projector, hooks included). Children before parents: the enter hooks
+        on the root and input module go last, so a forward starting meanwhile meets one and is refused."""
+        for module in reversed(list(root.modules())):
             for hooks in (module._forward_hooks, module._forward_pre_hooks):
                 for hook_id in [i for i, fn in hooks.items() if self._owns(fn)]:
                     hooks.pop(hook_id)
@@ -110,12 +153,15 @@ class NormAlignModules(nn.Module):
         # pointing at the original plugin, which is what its model trains and saves.
         new = self.__class__.__new__(self.__class__)
         memo[id(self)] = new
+        tracking = ("_in_flight", "_unpatching", "_flight_lock", "_depth")  # a lock is not copyable; a copy runs none
         for key, value in self.__dict__.items():
-            new.__dict__[key] = copy.deepcopy(value, memo)
+            if key not in tracking:
+                new.__dict__[key] = copy.deepcopy(value, memo)
+        new._reset_forward_tracking()
         for hook in self._hooks:
             copied = memo.get(id(hook.hook_dict(hook.module)))
             if copied is not None:
-                copied[hook.hook_id] = _BoundHook(hook.fn, new)
+                copied[hook.hook_id] = hook.bound.rebound(new)
         return new
 
     def __reduce_ex__(self, protocol: int) -> Any:
@@ -143,21 +189,55 @@ _NO_PICKLE = (
 class _BoundHook:
     """A hook function bound to a weak reference to its plugin (module hooks must not keep the plugin alive).
 
-    A plain Python callable so torch.compile inlines it; pickling it (`torch.save(model)`) explains what to do.
+    Plain Python callables so torch.compile inlines them; pickling one (`torch.save(model)`) explains what to do.
+    One subclass per hook signature, each with its own ``__call__`` code object and fixed arity: dynamo caches
+    compiled frames per code object and guards on ``len(args)`` of a ``*args`` call, so hooks of different
+    signatures sharing one ``__call__`` recompiled it for each kind (transformers compiles ``model.__call__``
+    for ``generate(compile_config=...)``, which runs the root model's hooks as frames of their own).
     """
 
     def __init__(self, fn: Callable[..., Any], plugin: NormAlignModules):
         self.fn = fn
         self.ref = weakref.ref(plugin)
 
-    def __call__(self, *args: Any) -> Any:
-        return self.fn(self.ref, *args)
+    def rebound(self, plugin: NormAlignModules) -> _BoundHook:
+        """The same hook bound to another plugin (a deep copy's)."""
+        return type(self)(self.fn, plugin)
 
     def __reduce_ex__(self, protocol: int) -> Any:
         raise TypeError(_NO_PICKLE)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _BoundHook:
         return self  # NormAlignModules.__deepcopy__ re-points the copied hooks at the copied plugin
+
+
+class _PreHook(_BoundHook):
+    def __call__(self, module: nn.Module, args: tuple) -> Any:
+        return self.fn(self.ref, module, args)
+
+
+class _PreHookWithKwargs(_BoundHook):
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
+        return self.fn(self.ref, module, args, kwargs)
+
+
+class _ForwardHook(_BoundHook):
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        return self.fn(self.ref, module, args, output)
+
+
+class _ForwardHookWithKwargs(_BoundHook):
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
+        return self.fn(self.ref, module, args, kwargs, output)
+
+
+# (kind, with_kwargs) -> the bound-hook class of that signature.
+_BOUND_HOOK_CLASSES: dict[tuple[str, bool], type[_BoundHook]] = {
+    ("forward_pre", False): _PreHook,
+    ("forward_pre", True): _PreHookWithKwargs,
+    ("forward", False): _ForwardHook,
+    ("forward", True): _ForwardHookWithKwargs,
+}
 
 
 # --- public API ----------------------------------------------------------------------------------
@@ -360,11 +440,17 @@ def patch(
 
 
 def unpatch(model: nn.Module) -> nn.Module:
-    """Remove every hook and plugin module; forward and `state_dict` are exactly as before `patch`."""
+    """Remove every hook and plugin module; forward and `state_dict` are exactly as before `patch`.
+
+    Must not run while another thread runs a forward of the model: with an eager forward in flight it raises
+    (RuntimeError) and changes nothing; a forward that starts while it removes the hooks is refused. Compiled
+    forwards are not tracked (see README, "Threads").
+    """
     base = get_base_model(model)
     plugin = get_plugin(base)
     if plugin is None:
         raise ValueError("This model is not patched by hf-normalign; nothing to unpatch.")
+    plugin._begin_unpatch()
     plugin.remove_hooks(base)
     delattr(base, ATTRIBUTE)
     return model

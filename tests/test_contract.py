@@ -222,6 +222,109 @@ def test_concurrent_forwards_equal_sequential_results():
     assert all(torch.equal(logits, expected[i]) for i, logits in results)
 
 
+def _blocking_layer(model, entered: threading.Event, release: threading.Event):
+    """A hook of the test's own on decoder layer 0 that holds the forward there until `release` is set."""
+
+    def hook(module, args, output):
+        entered.set()
+        assert release.wait(30)
+
+    return get_spec(model).decoder_layers(model)[0].register_forward_hook(hook)
+
+
+def test_unpatch_refuses_while_a_forward_runs_and_changes_nothing():
+    model = patched(loud=False)
+    batch = inputs(tiny_batch(model))
+    with torch.no_grad():
+        expected = model(**batch).logits
+        plain = normalign.unpatch(copy.deepcopy(model))(**batch).logits
+    entered, release = threading.Event(), threading.Event()
+    handle = _blocking_layer(model, entered, release)
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(lambda: model(**batch).logits)
+        assert entered.wait(30)
+        with pytest.raises(RuntimeError, match=r"1 forward\(s\) of this model are running"):
+            normalign.unpatch(model)
+        release.set()
+        assert torch.equal(running.result(), expected)  # ran fully patched
+    handle.remove()
+    assert normalign.is_patched(model)
+    normalign.unpatch(model)  # nothing in flight any more
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, plain)
+
+
+def test_a_forward_that_raised_does_not_block_unpatch():
+    model = patched(loud=False)
+    batch = inputs(tiny_batch(model))
+
+    def fail(module, args, output):
+        raise ValueError("boom")
+
+    handle = get_spec(model).decoder_layers(model)[0].register_forward_hook(fail)
+    with pytest.raises(ValueError, match="boom"):
+        model(**batch)
+    handle.remove()
+    normalign.unpatch(model)
+    assert not normalign.is_patched(model)
+
+
+def test_a_forward_starting_during_unpatch_is_refused(monkeypatch):
+    model = patched(loud=False)
+    batch = inputs(tiny_batch(model))
+    removing, resume = threading.Event(), threading.Event()
+    remove_hooks = type(model.normalign).remove_hooks
+
+    def slow_remove(self, root):  # unpatch paused before it removes anything
+        removing.set()
+        assert resume.wait(30)
+        remove_hooks(self, root)
+
+    monkeypatch.setattr(type(model.normalign), "remove_hooks", slow_remove)
+    with ThreadPoolExecutor(1) as pool:
+        unpatching = pool.submit(normalign.unpatch, model)
+        assert removing.wait(30)
+        with pytest.raises(RuntimeError, match="while this forward starts"):
+            model(**batch)
+        resume.set()
+        unpatching.result()
+    assert not normalign.is_patched(model)
+
+
+def test_forwards_racing_unpatch_run_fully_patched_fully_unpatched_or_are_refused():
+    # Issue 22's case: threads running forwards while the main thread unpatches. Whatever the interleaving, each
+    # forward equals the patched or the unpatched model's output, or is refused with the documented error.
+    model = patched(loud=False)
+    batch = inputs(tiny_batch(model))
+    with torch.no_grad():
+        references = [model(**batch).logits, normalign.unpatch(copy.deepcopy(model))(**batch).logits]
+    stop = threading.Event()
+
+    def forwards():
+        outcomes = []
+        while not stop.is_set():
+            try:
+                with torch.no_grad():
+                    logits = model(**batch).logits
+                outcomes.append(next(i for i, r in enumerate(references) if torch.equal(logits, r)))
+            except RuntimeError as err:
+                assert "unpatch" in str(err)
+                outcomes.append("refused")
+        return outcomes
+
+    with ThreadPoolExecutor(2) as pool:
+        runs = [pool.submit(forwards) for _ in range(2)]
+        while True:
+            try:
+                normalign.unpatch(model)
+                break
+            except RuntimeError as err:
+                assert "are running" in str(err)
+        stop.set()
+        outcomes = [o for run in runs for o in run.result()]
+    assert not normalign.is_patched(model) and outcomes  # StopIteration above: a half-patched output
+
+
 # --- precision -----------------------------------------------------------------------------------------------
 
 

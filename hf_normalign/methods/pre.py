@@ -151,8 +151,10 @@ def _pre_state(plugin: nn.Module, labels_given: bool) -> dict[str, Any]:
 
 
 def _root_pre_hook(ref, module, args, kwargs):
+    # In place, returning None: `generate(compile_config=...)` compiles this hook as a frame of its own, and
+    # returning `kwargs` would make its tensors outputs of that frame, guarded on their shapes (transformers 5.17
+    # grows `mm_token_type_ids` by one each decode step: a recompile the unpatched model does not have).
     kwargs[PRE_STATE] = _pre_state(ref(), kwargs.get("labels") is not None)
-    return args, kwargs
 
 
 def _input_pre_hook(ref, module, args, kwargs):
