@@ -22,6 +22,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from torch import nn
 from transformers.utils import logging
 
+from .cli import emit
 from .config import METHOD_CONFIGS, METHODS
 from .persistence.format import CONFIG_NAME, WEIGHTS_NAME, CheckpointInfo, NormAlignCheckpointError
 from .persistence.save import save_pretrained
@@ -256,5 +257,5 @@ def run_push(args: argparse.Namespace) -> int:
         commit_message=args.commit_message,
         mir=args.mir,
     )
-    print(commit.pr_url or commit.commit_url)
+    emit(commit.pr_url or commit.commit_url)
     return 0

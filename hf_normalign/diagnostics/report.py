@@ -31,7 +31,6 @@ import argparse
 import datetime as _dt
 import json
 import os
-import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +39,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..cli import emit
 from ..persistence.staging import write_file_atomically
 from . import plots
 from .metrics.degradation import DegradationResult, visual_degradation
@@ -288,42 +288,30 @@ def _load(source: str, device: str, dtype: str) -> tuple[Any, Any]:
 
 
 def _main(args: argparse.Namespace) -> int:
-    if (args.images is None) != (args.texts is None):
-        print("normalign report: error: --images and --texts go together", file=sys.stderr)
-        return 2
-    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    unknown = [m for m in metrics if m not in METRICS]
-    if unknown or not metrics:  # before loading any model
-        print(f"normalign report: error: unknown metrics {unknown}; choose from {','.join(METRICS)}", file=sys.stderr)
-        return 2
+    """``normalign report`` (options, and the usage checks done before this runs, in hf_normalign.cli)."""
     sources = [args.model, *args.compare]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     probe = None
-    try:
-        if args.images is not None:
-            from .probes import load_probe
+    if args.images is not None:
+        from .probes import load_probe
 
-            probe = load_probe(args.images, args.texts, num_samples=args.num_samples, seed=args.seed)
-        models = {name: _load(src, device, args.dtype) for name, src in zip(_names(sources), sources, strict=True)}
-        report = build_report(
-            models,
-            args.out,
-            probe,
-            metrics=metrics,
-            num_samples=args.num_samples,
-            degradation_samples=args.degradation_samples,
-            batch_size=args.batch_size,
-            key_layers=args.key_layers,
-            max_key_samples=args.max_key_samples,
-            seed=args.seed,
-            title=args.title,
-            progress=not args.no_progress,
-        )
-    except (ValueError, OSError) as err:
-        print(f"normalign report: error: {err}", file=sys.stderr)
-        return 2
+        probe = load_probe(args.images, args.texts, num_samples=args.num_samples, seed=args.seed)
+    models = {name: _load(src, device, args.dtype) for name, src in zip(_names(sources), sources, strict=True)}
+    report = build_report(
+        models,
+        args.out,
+        probe,
+        metrics=args.metrics,
+        num_samples=args.num_samples,
+        degradation_samples=args.degradation_samples,
+        batch_size=args.batch_size,
+        key_layers=args.key_layers,
+        max_key_samples=args.max_key_samples,
+        seed=args.seed,
+        title=args.title,
+        progress=not args.no_progress,
+    )
     for name, values in report.summary.items():
-        shown = ", ".join(f"{k} {format_number(v)}" for k, v in values.items() if v is not None)
-        print(f"{name}: {shown}")
-    print(f"wrote {report.html}, {report.json} and {len(report.plots)} plots")
+        emit(f"{name}: " + ", ".join(f"{k} {format_number(v)}" for k, v in values.items() if v is not None))
+    emit(f"wrote {report.html}, {report.json} and {len(report.plots)} plots")
     return 0

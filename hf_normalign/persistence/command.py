@@ -7,6 +7,7 @@ import argparse
 import torch
 from transformers.utils import logging
 
+from ..cli import emit
 from ..config import NormAlignConfig
 from ..patching import patch
 from .save import save_pretrained
@@ -19,7 +20,7 @@ def run(args: argparse.Namespace) -> int:
     """``normalign patch`` (options in hf_normalign.cli): load, patch and save."""
     config = args.methods or args.config
     saved = _patch_and_save(args, config)
-    print(f"Saved {saved} ({', '.join(config.methods)}) to {args.out}")
+    emit(f"Saved {saved} ({', '.join(config.methods)}) to {args.out}")
     return 0
 
 

@@ -38,13 +38,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from ...cli import emit
 from ...modeling import get_base_model
 from ...persistence.staging import write_file_atomically
 from ..engine import CaptureBatch
@@ -384,9 +384,6 @@ def _launched_accelerator(device: str) -> Any:
 def _main(args: argparse.Namespace) -> int:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    if (args.images is None) != (args.texts is None):
-        print("normalign mir: --images and --texts go together", file=sys.stderr)
-        return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     accelerator = _launched_accelerator(device)
     kwargs: dict[str, Any] = {"dtype": args.dtype, "device_map": device if accelerator is None else accelerator.device}
@@ -422,10 +419,10 @@ def _main(args: argparse.Namespace) -> int:
         accelerator=accelerator,
     )
     if result is not None:  # the main process
-        print(result)
+        emit(result)
         if args.json is not None:
             write_file_atomically(args.json, json.dumps(result.to_dict(), indent=2) + "\n")
-            print(f"wrote {args.json}")
+            emit(f"wrote {args.json}")
     if accelerator is not None:  # leave together: a process exiting with the group open aborts the launch
         accelerator.wait_for_everyone()
         accelerator.end_training()
