@@ -391,11 +391,11 @@ def _main(args: argparse.Namespace) -> int:
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
-    model = AutoModelForImageTextToText.from_pretrained(args.model, **kwargs)
-    processor = AutoProcessor.from_pretrained(args.model)
-    probe = None
+    probe = None  # read first: a bad texts file is reported before the model loads
     if args.images is not None:
         probe = load_probe(args.images, args.texts, num_samples=args.num_samples, seed=args.seed)
+    model = AutoModelForImageTextToText.from_pretrained(args.model, **kwargs)
+    processor = AutoProcessor.from_pretrained(args.model)
     result = mir(
         model,
         processor,
