@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from ..cli import emit
 from ..persistence.staging import write_file_atomically
 from . import plots
+from .html import safe_href
 from .metrics.degradation import DegradationResult, visual_degradation
 from .metrics.keyspace import KeySpaceResult, key_space_gap
 from .metrics.mir import mir
@@ -175,7 +176,8 @@ def build_report(
             scikit-learn: ``pip install "hf-normalign[tsne]"``).
         seed: seed of the subsets and the samplers.
         title: heading of the HTML page.
-        links: label -> href shown in the page header, e.g. ``{"demo report": "../report.html"}``.
+        links: label -> href shown in the page header, e.g. ``{"demo report": "../report.html"}``: http(s) URLs
+            and relative paths only (another scheme, such as ``javascript:``, raises ``ValueError``).
         progress: tqdm progress bars.
 
     Example:
@@ -193,6 +195,8 @@ def build_report(
     for name, pair in models.items():
         if not (isinstance(pair, tuple) and len(pair) == 2):
             raise TypeError(f"models[{name!r}] must be a (model, processor) tuple")
+    for href in (links or {}).values():  # before any work: a javascript: link is refused, not written
+        safe_href(href)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     opts = {
