@@ -9,9 +9,9 @@ path that does not exist, a missing input or an output folder that cannot be wri
 imported or loaded); 1 a failure while working (a model that does not load, no network, a missing optional
 package). Either way stderr gets one line naming the problem and the fix; ``--debug`` shows the traceback instead.
 
-Output: a command's results go to stdout through :func:`emit`; while it runs, anything else printed to stdout (a
-library's chatter, such as DeepSpeed's start-up warning) goes to stderr, and Python warnings are shown as one line
-``normalign COMMAND: warning: ...``, so scripts can parse stdout.
+Output (:mod:`hf_normalign.console`): a command's results go to stdout through ``console.emit``; while it runs,
+anything else printed to stdout (a library's chatter, such as DeepSpeed's start-up warning) goes to stderr, and
+Python warnings are shown as one line ``normalign COMMAND: warning: ...``, so scripts can parse stdout.
 
 Example:
     $ normalign patch llava-hf/llava-1.5-7b-hf --methods projector_norm,moca --out aligned
@@ -31,12 +31,12 @@ import math
 import os
 import re
 import sys
-import warnings
-from collections.abc import Callable, Iterator
-from contextvars import ContextVar
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn, TextIO
+from typing import Any, NoReturn
+
+from .console import command_output, one_line_text
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Mirrors of hf_normalign.diagnostics' constants (importing them would import torch); a test keeps them equal.
@@ -389,40 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# --- output while a command runs ---------------------------------------------------------------------------------
-
-_RESULTS: ContextVar[TextIO | None] = ContextVar("normalign_results", default=None)
-
-
-def emit(*values: Any, sep: str = " ", end: str = "\n") -> None:
-    """Print a command's result on stdout (as ``print``). While :func:`main` runs a command, ``sys.stdout`` is
-    stderr, so that only what a command emits reaches stdout; called elsewhere, this is ``print``."""
-    print(*values, sep=sep, end=end, file=_RESULTS.get() or sys.stdout, flush=True)
-
-
-def _show_warning(prog: str, message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
-    kind = "" if category is UserWarning else f"{category.__name__}: "
-    print(f"{prog}: warning: {kind}{_flat(str(message))}", file=sys.stderr)
-
-
-@contextlib.contextmanager
-def _command_output(prog: str) -> Iterator[None]:
-    """Results (:func:`emit`) on stdout, everything else printed on stderr, warnings as one line each."""
-    token = _RESULTS.set(sys.stdout)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
-            warnings.showwarning = functools.partial(_show_warning, prog)
-            yield
-    finally:
-        _RESULTS.reset(token)
-
-
 # --- errors ------------------------------------------------------------------------------------------------------
-
-
-def _flat(text: str, limit: int = 600) -> str:
-    text = re.sub(r"\s+", " ", text).strip()
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @functools.cache
@@ -494,7 +461,7 @@ def _missing_module(err: ModuleNotFoundError) -> str:
 def _one_line(err: BaseException) -> str:
     if isinstance(err, ModuleNotFoundError) and err.name:
         return _missing_module(err)
-    return _flat(str(err)) or type(err).__name__
+    return one_line_text(str(err)) or type(err).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -509,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"{prog}: error: {problem} (see {prog} --help)\n")
     module, function = command.run.split(":")
     try:
-        with _command_output(prog):
+        with command_output(prog):
             return int(getattr(importlib.import_module(module), function)(args) or 0)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

@@ -24,8 +24,8 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from torch import nn
 from transformers.utils import logging
 
-from .cli import emit
 from .config import METHOD_CONFIGS, METHODS
+from .console import emit
 from .persistence.format import CONFIG_NAME, WEIGHTS_NAME, CheckpointInfo, NormAlignCheckpointError
 from .persistence.save import save_pretrained
 

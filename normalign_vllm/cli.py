@@ -17,7 +17,7 @@ import os
 import shlex
 import sys
 
-from hf_normalign.cli import emit
+from hf_normalign.console import emit
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 

@@ -311,3 +311,16 @@ def test_recipe_help_imports_no_torch(stage):
     assert done.stdout.strip().endswith("HEAVY []"), done.stdout[-500:]
     assert f"hf_normalign.recipes.stage{stage}" in done.stdout and "--qlora" in done.stdout
     assert "--learning_rate" in done.stdout and "--help-training lists them all" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "phrase"), [(["--model", "nope"], "unknown family 'nope'"), (["--num-samples", "0"], "positive")]
+)
+def test_make_tiny_data_refuses_bad_options_before_writing(argv, phrase, tmp_path, capsys):
+    from hf_normalign.recipes import make_tiny_data
+
+    with pytest.raises(SystemExit) as exit_:
+        make_tiny_data.main([str(tmp_path / "tiny"), *argv])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and phrase in err and "Traceback" not in err
+    assert not (tmp_path / "tiny").exists()

@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from ..cli import emit
+from ..console import emit
 from .experiment import VARIANTS, DemoConfig, DemoResult, run_demo
 
 __all__ = ["VARIANTS", "DemoConfig", "DemoResult", "run_demo"]

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..cli import emit
+from ..console import emit
 from ..persistence.staging import write_file_atomically
 from . import plots
 from .html import safe_href

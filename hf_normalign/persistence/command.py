@@ -7,8 +7,8 @@ import argparse
 import torch
 from transformers.utils import logging
 
-from ..cli import emit
 from ..config import NormAlignConfig
+from ..console import emit
 from ..patching import patch
 from .save import save_pretrained
 from .switch import autoload

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...cli import emit
+from ...console import emit
 from ...modeling import get_base_model
 from ...persistence.staging import write_file_atomically
 from ..engine import CaptureBatch
