@@ -432,6 +432,13 @@ def _importer(err: BaseException) -> str | None:
     return name
 
 
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a broken entry in sys.modules
+        return False
+
+
 def _missing_module(err: ModuleNotFoundError) -> str:
     """What a missing module means, with the fix: hf-normalign itself installed incompletely, an optional extra
     not installed, a required dependency missing, another package installed incompletely, or an unknown module."""
@@ -443,7 +450,7 @@ def _missing_module(err: ModuleNotFoundError) -> str:
             f"pip install --force-reinstall {DISTRIBUTION}"
         )
     distribution = _normalise(MODULE_DISTRIBUTIONS.get(top, top))
-    if name != top and importlib.util.find_spec(top) is not None:  # the package is there, a part is not
+    if name != top and _installed(top):  # the package is there, a part of it is not
         return (
             f"module {name!r} is missing from the installed package {top!r} (an incomplete install or an "
             f"unsupported version): reinstall it: pip install --force-reinstall {distribution}"
