@@ -5,6 +5,7 @@ imports nothing heavy and prints no third-party warning."""
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -324,3 +325,24 @@ def test_make_tiny_data_refuses_bad_options_before_writing(argv, phrase, tmp_pat
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and phrase in err and "Traceback" not in err
     assert not (tmp_path / "tiny").exists()
+
+
+def test_recipe_help_training_lists_what_help_leaves_to_it(capsys):
+    """--help lists every recipe option the full parser has; --help-training adds exactly TrainingArguments'."""
+    import dataclasses
+
+    from hf_normalign.recipes import stage2
+    from transformers import TrainingArguments
+
+    def options(argv):
+        try:
+            assert stage2.main(argv) == 0  # the light help returns
+        except SystemExit as exit_:  # the full one is argparse's
+            assert exit_.code == 0
+        return set(re.findall(r"(?m)^\s+(--[\w-]+)", capsys.readouterr().out))
+
+    light, full = options(["--help"]), options(["--help-training"])
+    training = {f"--{f.name}" for f in dataclasses.fields(TrainingArguments) if f.init}
+    assert light - {"--config", "--push-to-hub"} <= full
+    assert {o.replace("--no_", "--", 1) for o in full - light} <= training | light  # with HfArgumentParser's --no_X
+    assert {"--learning_rate", "--per_device_train_batch_size"} <= full - light
