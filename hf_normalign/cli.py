@@ -4,10 +4,14 @@ Every subcommand is a :class:`Command` in :data:`COMMANDS`: its options (argpars
 ``normalign --help`` and ``normalign COMMAND --help`` import neither torch nor transformers) and the
 ``"module:function"`` that runs it, imported only when the command runs. Adding a subcommand is one entry.
 
-Exit codes: 0 success; 2 a usage error (an unknown option, a bad value, a missing input or an output folder
-that cannot be written, all found before any work starts); 1 a failure while working (a model that does not
-load, no network, a missing optional package). Either way stderr gets one line naming the problem and the
-fix; ``--debug`` shows the traceback instead.
+Exit codes, one rule for every subcommand: 0 success; 2 a usage error (an unknown option, a bad value, a local
+path that does not exist, a missing input or an output folder that cannot be written, all found before anything is
+imported or loaded); 1 a failure while working (a model that does not load, no network, a missing optional
+package). Either way stderr gets one line naming the problem and the fix; ``--debug`` shows the traceback instead.
+
+Output (:mod:`hf_normalign.console`): a command's results go to stdout through ``console.emit``; while it runs,
+anything else printed to stdout (a library's chatter, such as DeepSpeed's start-up warning) goes to stderr, and
+Python warnings are shown as one line ``normalign COMMAND: warning: ...``, so scripts can parse stdout.
 
 Example:
     $ normalign patch llava-hf/llava-1.5-7b-hf --methods projector_norm,moca --out aligned
@@ -17,8 +21,13 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import importlib
+import importlib.metadata
+import importlib.util
 import json
+import math
 import os
 import re
 import sys
@@ -26,6 +35,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
+
+from .console import command_output, one_line_text
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Mirrors of hf_normalign.diagnostics' constants (importing them would import torch); a test keeps them equal.
@@ -35,8 +46,10 @@ TEXT_TOKENS = ("passage", "after_image")
 MIR_PRESETS = ("reference",)
 SQRT_METHODS = ("exact", "newton_schulz", "reference_fast")
 REPORT_METRICS = ("profile", "mir", "key_space", "degradation")
-# Optional packages -> the extra that installs them.
-EXTRAS = {"matplotlib": "plots", "peft": "peft", "datasets": "datasets"}
+DISTRIBUTION = "hf-normalign"
+OWN_PACKAGES = ("hf_normalign", "normalign_vllm")  # the top-level packages of the distribution
+# Import name -> distribution name, where they differ, for the requirements in pyproject.toml.
+MODULE_DISTRIBUTIONS = {"sklearn": "scikit-learn", "PIL": "pillow", "yaml": "pyyaml"}
 
 
 # --- argument types: each raises ArgumentTypeError, which argparse reports as a usage error ----------------------
@@ -49,6 +62,17 @@ def positive_int(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def log_base(text: str) -> float:
+    """The base of MIR's logarithm: a finite positive number other than 1 (as ``diagnostics.mir`` checks)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0 and value != 1):
+        raise argparse.ArgumentTypeError(f"expected a positive number other than 1, got {text!r}")
     return value
 
 
@@ -69,6 +93,49 @@ def existing_dir(text: str) -> str:
     if not os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{text} is not an existing directory")
     return text
+
+
+def _looks_like_path(text: str) -> bool:
+    """A local path rather than a Hub repo id: it starts with '.', '~' or a separator, or has a separator other than
+    the one '/' of ``namespace/name``."""
+    separators = {os.sep, os.altsep or os.sep}
+    return text.startswith((".", "~", *separators)) or text.count("/") > 1 or any(s in text for s in separators - {"/"})
+
+
+def hub_repo_id(text: str) -> str:
+    """A Hub repo id (``name`` or ``namespace/name``), checked by huggingface_hub's own rule."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except HFValidationError as err:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a Hub repo id: {err}") from err
+    return text
+
+
+def model_source(text: str) -> str:
+    """A local model folder or a Hub repo id. A path that does not exist is reported as such (a usage error), not
+    handed to the Hub, which would answer "Repo id must be in the form ..."."""
+    path = os.path.expanduser(text)
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise argparse.ArgumentTypeError(f"{text} is a file: give the model folder (the one holding config.json)")
+    if not _looks_like_path(text):
+        with contextlib.suppress(argparse.ArgumentTypeError):
+            return hub_repo_id(text)
+    raise argparse.ArgumentTypeError(
+        f"the local path {text} does not exist (and it is not a Hub repo id): check the spelling"
+    )
+
+
+def metric_list(text: str) -> list[str]:
+    """Report metrics: a non-empty comma-separated subset of :data:`REPORT_METRICS`."""
+    metrics = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in metrics if m not in REPORT_METRICS]
+    if unknown or not metrics:
+        raise argparse.ArgumentTypeError(f"unknown metrics {unknown}: choose from {','.join(REPORT_METRICS)}")
+    return metrics
 
 
 def output_dir(text: str) -> Path:
@@ -133,12 +200,14 @@ def aligned_dir(text: str) -> str:
 
 @dataclass(frozen=True)
 class Command:
-    """A subcommand: its one-line help, its options, and the ``"module:function"`` that runs it."""
+    """A subcommand: its one-line help, its options, the ``"module:function"`` that runs it, and ``check``: the
+    checks across options (a usage-error message, or None), run after parsing and before ``run`` is imported."""
 
     help: str
     description: str
     arguments: Callable[[argparse.ArgumentParser], None]
     run: str
+    check: Callable[[argparse.Namespace], str | None] | None = None
 
 
 def _demo_arguments(p: argparse.ArgumentParser) -> None:
@@ -157,7 +226,7 @@ def _demo_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _patch_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL", help="local directory or Hub repo id of the base VLM")
+    p.add_argument("model", metavar="MODEL", type=model_source, help="local directory or Hub repo id of the base VLM")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--methods", type=method_list, help="comma-separated methods: projector_norm,moca,pre")
     which.add_argument("--config", type=config_file, metavar="JSON", help="a NormAlignConfig as a JSON file")
@@ -172,7 +241,7 @@ def _patch_arguments(p: argparse.ArgumentParser) -> None:
 
 def _push_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("directory", type=aligned_dir, metavar="DIR", help="directory written by save_pretrained / patch")
-    p.add_argument("repo_id", metavar="REPO_ID", help="target repo, e.g. me/llava-normalign")
+    p.add_argument("repo_id", metavar="REPO_ID", type=hub_repo_id, help="target repo, e.g. me/llava-normalign")
     p.add_argument("--adapter-only", action="store_true", help="expect DIR to hold an adapter (fails on a full one)")
     p.add_argument("--private", action="store_true", help="create the repo as private")
     p.add_argument("--token", help="Hub token (default: the logged-in one)")
@@ -193,7 +262,9 @@ def _probe_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _mir_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="model directory or Hub repo id (loaded with AutoModelForImageTextToText)")
+    p.add_argument(
+        "model", type=model_source, help="model directory or Hub repo id (loaded with AutoModelForImageTextToText)"
+    )
     _probe_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the probe subset and the built-in images")
     p.add_argument("--layers", type=layer_list, help="layers, e.g. 1-8,-1 (default: all decoder layers)")
@@ -208,7 +279,7 @@ def _mir_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-tokens", choices=TEXT_TOKENS, help="passage (default) or after_image")
     p.add_argument("--no-text-scale", action="store_true", help="skip the text-centric scale (ablation)")
     p.add_argument("--sqrt", choices=SQRT_METHODS, default="exact")
-    p.add_argument("--log-base", type=float, default=10.0)
+    p.add_argument("--log-base", type=log_base, default=10.0, help="base of the logarithm (default 10)")
     p.add_argument("--no-final-norm", action="store_true", help="last layer before the final norm")
     p.add_argument(
         "--streaming",
@@ -222,12 +293,19 @@ def _mir_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _report_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="model directory or Hub repo id (aligned checkpoints load patched)")
+    p.add_argument("model", type=model_source, help="model directory or Hub repo id (aligned checkpoints load patched)")
     p.add_argument(
-        "--compare", action="append", default=[], metavar="MODEL2", help="another model to overlay (repeatable)"
+        "--compare",
+        action="append",
+        default=[],
+        type=model_source,
+        metavar="MODEL2",
+        help="another model to overlay (repeatable)",
     )
     p.add_argument("--out", required=True, type=output_dir, help="output folder")
-    p.add_argument("--metrics", default=",".join(REPORT_METRICS), help=f"subset of {','.join(REPORT_METRICS)}")
+    p.add_argument(
+        "--metrics", type=metric_list, default=list(REPORT_METRICS), help=f"subset of {','.join(REPORT_METRICS)}"
+    )
     _probe_arguments(p)
     p.add_argument("--degradation-samples", type=positive_int, default=60, help="labelled shapes images (default 60)")
     p.add_argument("--key-layers", type=layer_list, help="decoder layers of the key-space gap, e.g. 1-8,-1")
@@ -236,8 +314,14 @@ def _report_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--title", default="hf-normalign diagnostics")
 
 
+def _check_probe(args: argparse.Namespace) -> str | None:
+    if (args.images is None) != (args.texts is None):
+        return "--images and --texts go together: give both (your probe set) or neither (the built-in probe)"
+    return None
+
+
 def _serve_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="folder (or Hub repo id) of an aligned checkpoint")
+    p.add_argument("checkpoint", type=model_source, help="folder (or Hub repo id) of an aligned checkpoint")
     p.add_argument("--dry-run", action="store_true", help="print the server command instead of running it")
     p.add_argument("vllm_args", nargs=argparse.REMAINDER, help="`vllm serve` options, passed on unchanged")
 
@@ -277,6 +361,7 @@ COMMANDS: dict[str, Command] = {
         "MIR of a VLM (local path or Hub id): per-layer FID table, the MIR, optional JSON.",
         _mir_arguments,
         "hf_normalign.diagnostics.metrics.mir:_main",
+        _check_probe,
     ),
     "report": Command(
         "HTML report of the modality-gap diagnostics",
@@ -284,6 +369,7 @@ COMMANDS: dict[str, Command] = {
         "model, overlaid) as report.html + PNG plots + report.json in --out.",
         _report_arguments,
         "hf_normalign.diagnostics.report:_main",
+        _check_probe,
     ),
     "convert": Command(
         "convert an original-format LLaVA-1.5 (+ MoCa) checkpoint",
@@ -320,31 +406,109 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# --- errors ------------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _requirements() -> dict[str, list[str]]:
+    """Extra -> the distributions it installs (normalised names), ``""`` -> the required ones, read from the
+    installed metadata (pyproject.toml's dependencies); empty when hf-normalign is not installed."""
+    from packaging.requirements import Requirement
+
+    try:
+        texts = importlib.metadata.requires(DISTRIBUTION) or []
+    except importlib.metadata.PackageNotFoundError:
+        return {}
+    out: dict[str, list[str]] = {}
+    for text in texts:
+        requirement = Requirement(text)
+        extras = re.findall(r"extra\s*==\s*['\"]([^'\"]+)['\"]", str(requirement.marker or "")) or [""]
+        for extra in extras:
+            out.setdefault(extra, []).append(_normalise(requirement.name))
+    return out
+
+
+def _normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _extra_for(distribution: str) -> str | None:
+    """The smallest extra that installs ``distribution`` (``peft`` rather than ``trl`` or ``test``)."""
+    holders = [(len(d), extra) for extra, d in _requirements().items() if extra and distribution in d]
+    return min(holders)[1] if holders else None
+
+
+def _importer(err: BaseException) -> str | None:
+    """The module whose import statement failed: the innermost frame of the traceback outside importlib."""
+    name, tb = None, err.__traceback__
+    while tb is not None:
+        module = tb.tb_frame.f_globals.get("__name__", "")
+        if not module.startswith(("importlib", "_frozen_importlib")):
+            name = module
+        tb = tb.tb_next
+    return name
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a broken entry in sys.modules
+        return False
+
+
+def _missing_module(err: ModuleNotFoundError) -> str:
+    """What a missing module means, with the fix: hf-normalign itself installed incompletely, an optional extra
+    not installed, a required dependency missing, another package installed incompletely, or an unknown module."""
+    name = err.name or ""
+    top = name.split(".")[0]
+    if top in OWN_PACKAGES:
+        return (
+            f"hf-normalign is installed incompletely: module {name!r} missing; reinstall: "
+            f"pip install --force-reinstall {DISTRIBUTION}"
+        )
+    distribution = _normalise(MODULE_DISTRIBUTIONS.get(top, top))
+    if name != top and _installed(top):  # the package is there, a part of it is not
+        return (
+            f"module {name!r} is missing from the installed package {top!r} (an incomplete install or an "
+            f"unsupported version): reinstall it: pip install --force-reinstall {distribution}"
+        )
+    extra = _extra_for(distribution)
+    if extra is not None:
+        return f"the optional package {top!r} is not installed: pip install '{DISTRIBUTION}[{extra}]'"
+    importer = _importer(err)
+    by = f" (imported by {importer})" if importer and importer != "__main__" else ""
+    if distribution in _requirements().get("", []):
+        return f"hf-normalign's dependency {top!r} is not installed{by}: reinstall: pip install {DISTRIBUTION}"
+    return f"the module {top!r} is not installed{by}"
+
+
 def _one_line(err: BaseException) -> str:
     if isinstance(err, ModuleNotFoundError) and err.name:
-        package = err.name.split(".")[0]
-        extra = EXTRAS.get(package)
-        fix = f"pip install 'hf-normalign[{extra}]'" if extra else f"pip install {package}"
-        return f"the optional package {package!r} is not installed: {fix}"
-    text = re.sub(r"\s+", " ", str(err)).strip() or type(err).__name__
-    return text if len(text) <= 600 else text[:597] + "..."
+        return _missing_module(err)
+    return one_line_text(str(err)) or type(err).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.command is None:
-        build_parser().print_help(sys.stderr)
+        parser.print_help(sys.stderr)
         return 2
-    module, function = COMMANDS[args.command].run.split(":")
+    command, prog = COMMANDS[args.command], f"normalign {args.command}"
+    problem = command.check(args) if command.check else None
+    if problem:  # a usage error found before anything is imported or loaded
+        parser.exit(2, f"{prog}: error: {problem} (see {prog} --help)\n")
+    module, function = command.run.split(":")
     try:
-        return int(getattr(importlib.import_module(module), function)(args) or 0)
+        with command_output(prog):
+            return int(getattr(importlib.import_module(module), function)(args) or 0)
     except KeyboardInterrupt:
-        print(f"normalign {args.command}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except Exception as err:
         if args.debug:
             raise
-        print(f"normalign {args.command}: error: {_one_line(err)} (--debug shows the traceback)", file=sys.stderr)
+        print(f"{prog}: error: {_one_line(err)} (--debug shows the traceback)", file=sys.stderr)
         return 1
 
 

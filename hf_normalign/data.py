@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import difflib
 import io
-import json
 import os
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -41,6 +40,8 @@ from typing import Any
 
 import torch
 from transformers.utils import logging
+
+from .text_files import read_json, read_jsonl
 
 logger = logging.get_logger(__name__)
 
@@ -228,14 +229,7 @@ class LlavaJsonDataset(ConversationDataset):
         **columns: str,
     ) -> None:
         json_path = os.fspath(json_path)
-        try:
-            with open(json_path, encoding="utf-8") as f:
-                if json_path.endswith(".jsonl"):
-                    rows = [json.loads(line) for line in f if line.strip()]
-                else:
-                    rows = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{json_path} is not valid JSON: {err}") from err
+        rows = [row for _, row in read_jsonl(json_path)] if json_path.endswith(".jsonl") else read_json(json_path)
         if not isinstance(rows, list):
             raise ValueError(f"{json_path} must hold a JSON list of records, got {type(rows).__name__}")
         super().__init__(

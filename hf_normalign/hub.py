@@ -11,8 +11,10 @@ Command line: ``normalign push DIR REPO_ID [--adapter-only] [--private]``.
 from __future__ import annotations
 
 import argparse
+import html
 import json
 import os
+import re
 import tempfile
 from collections.abc import Sequence
 from typing import Any
@@ -23,6 +25,7 @@ from torch import nn
 from transformers.utils import logging
 
 from .config import METHOD_CONFIGS, METHODS
+from .console import emit
 from .persistence.format import CONFIG_NAME, WEIGHTS_NAME, CheckpointInfo, NormAlignCheckpointError
 from .persistence.save import save_pretrained
 
@@ -45,6 +48,33 @@ def _hub_id(name: str | None) -> str | None:
     return name if "/" in name else None
 
 
+# Markdown's inline punctuation (emphasis, code, links, images, tables, strikethrough) and the escape itself.
+_MARKDOWN_INLINE = re.compile(r"([\\`*_\[\]!|~])")
+
+
+def _printable(value: Any) -> str:
+    """Non-printable characters (newlines included, so that no value can start a line of its own: a heading, a
+    table row) as visible escapes."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(value))
+
+
+def _text(value: Any) -> str:
+    """``value`` as literal text in Markdown and in the HTML it renders to: a checkpoint's strings are data, never
+    markup. Markdown's inline punctuation is backslash-escaped, ``& < >`` become entities."""
+    return html.escape(_MARKDOWN_INLINE.sub(r"\\\1", _printable(value)), quote=False)
+
+
+def _code(value: Any, *, in_table: bool = False) -> str:
+    """``value`` as a code span: its text is shown as it is (HTML included) by CommonMark's rule; the fence is longer
+    than any run of backticks inside, and in a table cell ``|`` is escaped (GFM splits cells before code spans)."""
+    text = _printable(value)
+    if in_table:
+        text = text.replace("|", "\\|")
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
 def _mir_value(mir: Any) -> float | None:
     value = getattr(mir, "mir", mir)
     return None if value is None else float(value)
@@ -53,11 +83,16 @@ def _mir_value(mir: Any) -> float | None:
 def model_card(info: CheckpointInfo, repo_id: str, *, mir: Any = None, tags: Sequence[str] = ()) -> str:
     """The README.md of an uploaded checkpoint: metadata, methods and settings, MIR, usage and the warning.
 
-    ``mir`` is a float or a ``MIRResult``; ``None`` renders "not measured".
+    ``mir`` is a float or a ``MIRResult``; ``None`` renders "not measured". Every string read from the checkpoint
+    (or given as a tag) is escaped for Markdown and HTML: the card shows it, it cannot add headings, links or tags.
 
     Example:
         >>> print(model_card(read_checkpoint_info("out/aligned"), "me/aligned", mir=3.12))  # doctest: +SKIP
     """
+    try:  # it is written into the usage code below
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise ValueError(f"model_card: {repo_id!r} is not a Hub repo id: {err}") from err
     base_id = _hub_id(info.base_model_name_or_path)
     all_tags = ["hf-normalign", *(m.replace("_", "-") for m in info.config.methods), *tags]
     meta = [f"base_model: {base_id}"] if base_id else []
@@ -65,10 +100,10 @@ def model_card(info: CheckpointInfo, repo_id: str, *, mir: Any = None, tags: Seq
         f"library_name: {'hf-normalign' if info.adapter_only else 'transformers'}",
         "pipeline_tag: image-text-to-text",
         "tags:",
-        *(f"- {tag}" for tag in dict.fromkeys(all_tags)),
+        *(f"- {json.dumps(tag)}" for tag in dict.fromkeys(all_tags)),  # a JSON string is a YAML scalar
     ]
     kind = "an hf-normalign adapter" if info.adapter_only else "a vision-language model aligned with hf-normalign"
-    base = f"`{info.base_model_name_or_path}`" if info.base_model_name_or_path else "an unnamed base model"
+    base = _code(info.base_model_name_or_path) if info.base_model_name_or_path else "an unnamed base model"
     lines = ["---", *meta, "---", "", f"# {repo_id.split('/')[-1]}", "", f"This is {kind}, on top of {base}.", ""]
 
     if info.adapter_only:
@@ -87,8 +122,12 @@ def model_card(info: CheckpointInfo, repo_id: str, *, mir: Any = None, tags: Seq
     for method in info.config.methods:
         settings = getattr(info.config, method)
         for key, value in settings.to_dict().items():
-            shown = settings.NONE_MEANS.get(key, "default") if value is None else f"`{json.dumps(value)}`"
-            lines.append(f"| {settings.TITLE} | `{key}` | {shown} |")
+            shown = (
+                _text(settings.NONE_MEANS.get(key, "default"))
+                if value is None
+                else _code(json.dumps(value), in_table=True)
+            )
+            lines.append(f"| {settings.TITLE} | {_code(key, in_table=True)} | {shown} |")
     off = [m for m in METHODS if m not in info.config.methods]
     if off:
         lines += ["", f"Not applied: {', '.join(METHOD_CONFIGS[m].TITLE for m in off)}."]
@@ -102,14 +141,15 @@ def model_card(info: CheckpointInfo, repo_id: str, *, mir: Any = None, tags: Seq
         "",
         "## Details",
         "",
-        f"- Base model: {base} ({info.base_model_class}, model_type `{info.base_model_type}`, hidden size "
-        f"{info.hidden_size}, {info.num_decoder_layers} decoder layers)"
-        + (f", revision `{info.base_model_revision}`" if info.base_model_revision else ""),
+        f"- Base model: {base} ({_text(info.base_model_class)}, model_type {_code(info.base_model_type)}, hidden "
+        f"size {_text(info.hidden_size)}, {_text(info.num_decoder_layers)} decoder layers)"
+        + (f", revision {_code(info.base_model_revision)}" if info.base_model_revision else ""),
         f"- MIR (Modality Integration Rate, lower is better): {mir_text}",
-        f"- Checkpoint format {info.format_version}, written by hf-normalign {info.library_version or 'unknown'}",
+        f"- Checkpoint format {_text(info.format_version)}, written by hf-normalign "
+        + _text(info.library_version or "unknown"),
     ]
     if info.modules_to_save:
-        lines.append(f"- Modules trained alongside, included: {', '.join(f'`{m}`' for m in info.modules_to_save)}")
+        lines.append(f"- Modules trained alongside, included: {', '.join(_code(m) for m in info.modules_to_save)}")
 
     lines += ["", "## Usage", "", "```python", "import hf_normalign as normalign", ""]
     if info.adapter_only:
@@ -131,18 +171,40 @@ def model_card(info: CheckpointInfo, repo_id: str, *, mir: Any = None, tags: Seq
 
 
 def _folder_files(folder: str) -> list[str]:
-    """Paths (relative, ``/``-separated) to upload: everything but hidden entries, pickles and the card."""
+    """Paths (relative, ``/``-separated) to upload: everything but hidden entries, pickles and the card.
+
+    A symbolic link to a file inside the folder is uploaded as that file. A link that leads outside the folder, to
+    a folder, or nowhere is refused (:func:`_check_link`): what is uploaded is what the folder holds."""
+    real_root = os.path.realpath(folder)
     files, skipped = [], []
     for root, dirs, names in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in dirs:  # os.walk lists a linked folder here and does not enter it
+            _check_link(os.path.join(root, name), folder, real_root)
         for name in sorted(names):
             rel = os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
             if name.startswith(".") or rel == CARD_NAME:
                 continue
+            _check_link(os.path.join(root, name), folder, real_root)
             (skipped if name.endswith(PICKLE_SUFFIXES) else files).append(rel)
     if skipped:
         logger.warning(f"Not uploading {skipped}: pickle files are never uploaded by hf-normalign.")
     return files
+
+
+def _check_link(path: str, folder: str, real_root: str) -> None:
+    """Refuse a symbolic link unless it points to a file inside the folder (resolved, links of links included)."""
+    if not os.path.islink(path):
+        return
+    target = os.path.realpath(path)
+    fix = (
+        "push_to_hub uploads only what the folder itself holds: replace the link by a copy of the file (for a whole "
+        "folder: cp -rL SRC DST, which copies what links point to) and push that"
+    )
+    if os.path.commonpath([real_root, target]) != real_root:
+        raise ValueError(f"{path} is a symbolic link to {target}, outside {folder}: {fix}")
+    if not os.path.isfile(target):
+        raise ValueError(f"{path} is a symbolic link to {target}, which is not a file: {fix}")
 
 
 def _prepare(
@@ -201,7 +263,8 @@ def push_to_hub(
 
     Args:
         model_or_path: a patched model (saved to a temporary directory first) or a local aligned checkpoint
-            or adapter directory (uploaded as it is, minus hidden and pickle files).
+            or adapter directory (uploaded as it is, minus hidden and pickle files; a symbolic link is uploaded
+            only when it points to a file inside the directory, and refused with ``ValueError`` otherwise).
         repo_id: the target repo, created if missing (``private`` applies then).
         adapter_only: for a model: upload the adapter form (default False); for a directory: must match
             what it holds (default: whatever it holds).
@@ -257,5 +320,5 @@ def run_push(args: argparse.Namespace) -> int:
         commit_message=args.commit_message,
         mir=args.mir,
     )
-    print(commit.pr_url or commit.commit_url)
+    emit(commit.pr_url or commit.commit_url)
     return 0

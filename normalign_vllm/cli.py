@@ -17,6 +17,8 @@ import os
 import shlex
 import sys
 
+from hf_normalign.console import emit
+
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 
 
@@ -30,7 +32,7 @@ def vllm_command(checkpoint: str, vllm_args: list[str]) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     command = vllm_command(args.checkpoint, args.vllm_args)
     if args.dry_run:
-        print(shlex.join(command))
+        emit(shlex.join(command))
         return 0
     if importlib.util.find_spec("vllm") is None:
         raise SystemExit(

@@ -311,3 +311,81 @@ def test_bad_input_raises_a_clear_error(case, saved, tmp_path):
 def test_loading_an_intact_checkpoint_still_works(saved):
     """The fixtures are valid: every load failure above comes from the damage each case applies."""
     assert normalign.get_config(normalign.from_pretrained(saved / "ckpt")).methods == ["projector_norm", "moca", "pre"]
+
+
+# --- issues 22 / 25: texts files (probe passages, LLaVA JSON / JSONL) name the file and the line -----------------
+
+
+def _probe_texts(tmp_path, name, content: bytes):
+    from PIL import Image
+
+    from hf_normalign.diagnostics import load_probe
+
+    (tmp_path / "images").mkdir(exist_ok=True)
+    for i in range(3):
+        Image.new("RGB", (16, 16), (60 * i, 0, 0)).save(tmp_path / "images" / f"{i}.png")
+    (tmp_path / name).write_bytes(content)
+    return load_probe(tmp_path / "images", tmp_path / name, num_samples=None)
+
+
+TEXTS_FILES = {
+    "a .txt file not UTF-8 on line 3": ("t.txt", b"one\ntwo\nthr\xe9e\n", "t.txt, line 3 is not UTF-8 text"),
+    "a .jsonl file not UTF-8 on line 2": (
+        "t.jsonl",
+        b'{"text": "one"}\n{"text": "tw\xe9"}\n',
+        "t.jsonl, line 2 is not UTF-8 text",
+    ),
+    "a malformed .jsonl line": ("t.jsonl", b'{"text": "one"}\n\n{"text": "two"\n', "t.jsonl, line 3: not valid JSON"),
+    "a .jsonl line without text": (
+        "t.jsonl",
+        b'{"text": "one"}\n{"txt": "two"}\n',
+        "t.jsonl, line 2: expected an object with a \"text\" string, got keys ['txt']",
+    ),
+    "a .jsonl line that is not an object": ("t.jsonl", b'"one"\n', "t.jsonl, line 1: expected an object"),
+    "a null text": ("t.jsonl", b'{"text": null}\n', 't.jsonl, line 1: "text" must be a non-empty string, got null'),
+    "a number for text": ("t.jsonl", b'{"text": 5}\n', '"text" must be a non-empty string, got a int'),
+    "an empty text": ("t.jsonl", b'{"text": " "}\n', "\"text\" must be a non-empty string, got ' '"),
+}
+
+
+@pytest.mark.parametrize("case", TEXTS_FILES, ids=list(TEXTS_FILES))
+def test_a_bad_texts_file_names_the_file_and_line(case, tmp_path):
+    name, content, phrase = TEXTS_FILES[case]
+    with pytest.raises(ValueError) as raised:
+        _probe_texts(tmp_path, name, content)
+    assert str(tmp_path / name) in str(raised.value) and phrase in str(raised.value), str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [("t.txt", "first\nsecond\nthird\n"), ("t.jsonl", '{"text": "first"}\n{"text": "second"}\n{"text": "third"}\n')],
+)
+def test_a_byte_order_mark_is_not_part_of_the_first_passage(name, content, tmp_path):
+    probe = _probe_texts(tmp_path, name, b"\xef\xbb\xbf" + content.encode())
+    assert [sample.text for sample in probe] == ["first", "second", "third"]
+
+
+def test_texts_given_as_a_list_must_be_strings(tmp_path):
+    from PIL import Image
+
+    from hf_normalign.diagnostics import load_probe
+
+    images = [tmp_path / "a.png", tmp_path / "b.png"]
+    for path in images:
+        Image.new("RGB", (16, 16)).save(path)
+    with pytest.raises(TypeError, match=r"texts\[1\] is NoneType, not a string"):
+        load_probe(images, ["a passage", None], num_samples=None)
+
+
+def test_llava_jsonl_errors_name_the_line_and_a_bom_is_dropped(tmp_path):
+    from hf_normalign.data import LlavaJsonDataset
+
+    row = {"id": "0", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}
+    good = json.dumps(row)
+    (tmp_path / "bad.jsonl").write_text(f"{good}\n{good}\n{good[:-1]}\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl, line 3: not valid JSON"):
+        LlavaJsonDataset(tmp_path / "bad.jsonl", verify_images=False)
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + f"{good}\n".encode())
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + f"[{good}]".encode())
+    for name in ("bom.jsonl", "bom.json"):
+        assert len(LlavaJsonDataset(tmp_path / name, verify_images=False)) == 1

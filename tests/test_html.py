@@ -1,6 +1,7 @@
 """The shared report HTML: tables that scroll and mark the best cell, figures at half their pixel size with a
 link, fixed decimals per column, the glossary, the page shell."""
 
+import html
 import io
 import re
 
@@ -75,3 +76,33 @@ def test_glossary_lists_the_asked_terms_in_order():
     assert out.index("<dt>MIR</dt>") < out.index("<dt>GWC</dt>") and 'id="glossary"' in out
     with pytest.raises(KeyError):
         report_html.glossary(["nope"])
+
+
+# --- issue 25: a link in a report is an http(s) URL or a relative path, nothing that runs when clicked ---------
+
+REFUSED_LINKS = [
+    "javascript:alert(1)",
+    "JavaScript:alert(1)",
+    "  javascript:alert(1)",
+    "java\tscript:alert(1)",
+    "data:text/html,<script>alert(1)</script>",
+    "vbscript:msgbox(1)",
+    "file:///etc/passwd",
+    "//evil.example/x",
+    "https:relative-without-host",
+]
+
+
+@pytest.mark.parametrize("href", REFUSED_LINKS)
+def test_a_link_with_another_scheme_is_refused(href):
+    with pytest.raises(ValueError, match="link .*: (only http\\(s\\) URLs and relative paths|a link must be a string)"):
+        report_html.page("T", "sub", [], links={"x": href})
+    with pytest.raises(ValueError):
+        report_html.figure(_png(4, 4), "a", "b", href=href)
+
+
+@pytest.mark.parametrize(
+    "href", ["https://example.org/run?id=1&x=2", "http://example.org", "../report.html", "report.html#mir", "#top"]
+)
+def test_http_and_relative_links_are_kept(href):
+    assert f'<a href="{html.escape(href)}">x</a>' in report_html.page("T", "sub", [], links={"x": href})

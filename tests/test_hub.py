@@ -181,8 +181,9 @@ def test_transformers_push_paths_send_the_aligned_files(model, recorded, tmp_pat
 
 def test_cli_push(model, recorded, tmp_path, capsys):
     model.save_pretrained(tmp_path)
+    capsys.readouterr()  # the save's own output (DeepSpeed's logger prints on stdout when first imported)
     assert cli.main(["push", str(tmp_path), "me/aligned", "--private", "--mir", "2.5"]) == 0
-    assert capsys.readouterr().out.strip().startswith("https://huggingface.co/me/aligned/commit/")
+    assert capsys.readouterr().out == "https://huggingface.co/me/aligned/commit/" + "0" * 40 + "\n"
     (commit,) = recorded.commits
     assert set(commit["files"]) == FULL_FILES and recorded.repos[0]["private"] is True
     assert b"lower is better): 2.5000" in commit["files"]["README.md"]
@@ -190,3 +191,101 @@ def test_cli_push(model, recorded, tmp_path, capsys):
     assert cli.main(["push", str(tmp_path), "me/aligned", "--adapter-only"]) == 1
     assert "holds a full checkpoint" in capsys.readouterr().err
     assert len(recorded.commits) == 1
+
+
+# --- issue 25: the card shows a checkpoint's strings as text; symbolic links never reach outside the folder -----
+
+HOSTILE = "evil`</code><script>alert(1)</script>\n# Injected [click](javascript:alert(1)) | cell | *em* &amp;"
+
+
+def _rendered(card: str) -> tuple[list[str], str]:
+    """The card's body (after the YAML front matter, as the Hub shows it) rendered by a CommonMark renderer that
+    passes raw HTML through, with GFM tables: (the tags of the HTML, its text)."""
+    from html.parser import HTMLParser
+
+    from markdown_it import MarkdownIt  # installed with transformers (typer -> rich -> markdown-it-py)
+
+    class Collect(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__(convert_charrefs=True)
+            self.tags: list[str] = []
+            self.text: list[str] = []
+
+        def handle_starttag(self, tag, attrs):
+            self.tags.append(tag)
+
+        def handle_data(self, data):
+            self.text.append(data)
+
+    parser = Collect()
+    parser.feed(MarkdownIt("commonmark").enable("table").render(card.split("---\n", 2)[2]))
+    return parser.tags, "".join(parser.text)
+
+
+def test_model_card_shows_checkpoint_strings_as_text(model, tmp_path):
+    import dataclasses
+
+    from hf_normalign.hub import model_card
+
+    model.save_pretrained(tmp_path)
+    info = normalign.read_checkpoint_info(tmp_path)
+    hostile = dataclasses.replace(
+        info,
+        base_model_name_or_path=HOSTILE,
+        base_model_class=HOSTILE,
+        base_model_revision=HOSTILE,
+        library_version=HOSTILE,
+        modules_to_save=(HOSTILE,),
+    )
+    card = model_card(hostile, "me/aligned", tags=[HOSTILE, "x\nbase_model: evil/model"])
+    tags, text = _rendered(card)
+    assert "script" not in tags and "a" not in tags and "em" not in tags, tags  # no markup from the values
+    assert tags.count("h1") == 1 and tags.count("h2") == 3  # the card's own headings only
+    shown = HOSTILE.replace("\n", "\\n")  # a newline is shown as an escape: it cannot start a heading
+    assert text.count(shown) == 6, text  # base model twice, class, revision, library version, module
+    settings_rows = [line for line in card.splitlines() if line.startswith("| ") and "`" in line]
+    assert settings_rows and all(line.replace("\\|", "").count("|") == 4 for line in settings_rows)
+    meta = front_matter(card)
+    assert "base_model" not in meta and meta["tags"][-2:] == [HOSTILE, "x\nbase_model: evil/model"]
+    with pytest.raises(ValueError, match="not a Hub repo id"):
+        model_card(info, 'me/x")\nimport os  #')
+
+
+def test_model_card_values_keep_their_look(model, api):
+    normalign.push_to_hub(model, "me/aligned", api=api)
+    card = api.commits[0]["files"]["README.md"].decode()
+    assert f"on top of `{BASE_ID}`" in card and "model_type `llava`" in card  # code spans, unchanged by escaping
+
+
+def _linked_folder(model, tmp_path, target: Path) -> Path:
+    """An aligned save with ``notes.txt``, a symbolic link to ``target``."""
+    folder = tmp_path / "aligned"
+    model.save_pretrained(folder)
+    (folder / "notes.txt").symlink_to(target)
+    return folder
+
+
+def test_push_refuses_a_symbolic_link_that_leads_outside_the_folder(model, api, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for upload")
+    (tmp_path / "outside").mkdir()
+    folder = _linked_folder(model, tmp_path, secret)
+    with pytest.raises(ValueError, match=rf"{folder / 'notes.txt'} is a symbolic link to {secret}, outside"):
+        normalign.push_to_hub(folder, "me/aligned", api=api)
+    (folder / "notes.txt").unlink()
+    (folder / "inner.txt").symlink_to(secret)  # a link inside, to a link that leads out: resolved whole
+    (folder / "notes.txt").symlink_to(folder / "inner.txt")
+    with pytest.raises(ValueError, match="outside"):
+        normalign.push_to_hub(folder, "me/aligned", api=api)
+    (folder / "notes.txt").unlink(), (folder / "inner.txt").unlink()
+    (folder / "extra").symlink_to(tmp_path / "outside", target_is_directory=True)
+    with pytest.raises(ValueError, match=rf"{folder / 'extra'} is a symbolic link to"):
+        normalign.push_to_hub(folder, "me/aligned", api=api)
+    assert api.repos == [] and api.commits == []  # refused before the repo is created
+
+
+def test_push_uploads_a_symbolic_link_to_a_file_inside_the_folder(model, api, tmp_path):
+    folder = _linked_folder(model, tmp_path, tmp_path / "aligned" / "real.txt")
+    (folder / "real.txt").write_text("kept")
+    normalign.push_to_hub(folder, "me/aligned", api=api)
+    assert api.commits[0]["files"]["notes.txt"] == b"kept"

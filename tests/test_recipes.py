@@ -409,7 +409,8 @@ def test_resume_from_a_run_of_another_configuration_is_refused(workspace, tmp_pa
 
 
 @pytest.mark.parametrize(
-    ("content", "phrase"), [('{"id": 1}', "must hold a JSON list"), ("[{", "not valid JSON"), (b"\xff\xfe[", "utf-8")]
+    ("content", "phrase"),
+    [('{"id": 1}', "must hold a JSON list"), ("[{", "not valid JSON"), (b"\xff\xfe[", "line 1 is not UTF-8 text")],
 )
 def test_unreadable_data_is_one_line_and_status_2(workspace, tmp_path, capsys, content, phrase):
     data = tmp_path / "data.json"

@@ -182,7 +182,9 @@ def test_cli_report_with_compare(tmp_path, capsys):
     ratios = [data["models"][n]["summary"]["norm_ratio_input"] for n in ("base", "aligned")]
     assert ratios[0] != pytest.approx(ratios[1])  # the aligned checkpoint loaded patched
     assert "wrote" in capsys.readouterr().out
-    assert cli.main(["report", str(tmp_path / "base"), "--out", str(out), "--metrics", "nope", "--no-progress"]) == 2
+    with pytest.raises(SystemExit) as exit_info:  # a usage error, found by the parser before any model loads
+        cli.main(["report", str(tmp_path / "base"), "--out", str(out), "--metrics", "nope", "--no-progress"])
+    assert exit_info.value.code == 2
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["report", "--help"])
     assert exit_info.value.code == 0
@@ -303,3 +305,11 @@ def test_key_tsne_map_in_report(tmp_path):
     assert scatter == rep.results["m"]["key_space"].scatter and all("tsne" in s for s in scatter.values())
     text = rep.html.read_text(encoding="utf-8")
     assert 'data-file="key_tsne.png"' in text and "<dt>t-SNE</dt>" in text
+
+
+def test_a_javascript_link_is_refused_before_any_work(tmp_path):
+    """Issue 25: a caller's ``links=`` href is checked first: nothing is measured or written."""
+    pair = (tiny_model("llava"), tiny_processor("llava"))
+    with pytest.raises(ValueError, match="link 'javascript:alert\\(1\\)': only http\\(s\\) URLs and relative paths"):
+        build_report({"m": pair}, tmp_path / "out", links={"run": "javascript:alert(1)"}, progress=False)
+    assert not (tmp_path / "out").exists()

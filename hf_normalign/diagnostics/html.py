@@ -19,6 +19,7 @@ import base64
 import html
 import math
 import struct
+import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -111,6 +112,24 @@ GLOSSARY: dict[str, str] = {
 }
 
 
+LINK_SCHEMES = ("http", "https")
+
+
+def safe_href(href: str) -> str:
+    """``href`` if it is an http(s) URL or a relative reference (``../report.html``, ``#mir``); ``ValueError``
+    naming it otherwise: a ``javascript:``, ``data:`` or ``file:`` link in a report would run or open whatever it
+    names when clicked."""
+    if not isinstance(href, str) or any(ord(c) < 0x20 or ord(c) == 0x7F for c in href):
+        raise ValueError(f"link {href!r}: a link must be a string without control characters")
+    parts = urllib.parse.urlsplit(href.strip())  # browsers ignore surrounding spaces too
+    if (parts.scheme.lower() in LINK_SCHEMES and parts.netloc) or not (parts.scheme or parts.netloc):
+        return href
+    raise ValueError(
+        f"link {href!r}: only http(s) URLs and relative paths are allowed in a report (e.g. https://example.org/run "
+        "or ../report.html)"
+    )
+
+
 class Raw(str):
     """Text that is already HTML: :func:`table` and :func:`section` insert it unescaped."""
 
@@ -132,7 +151,9 @@ def page(
     extra = []
     if created:
         extra.append(f"created {html.escape(created)}")
-    extra += [f'<a href="{html.escape(href)}">{html.escape(label)}</a>' for label, href in (links or {}).items()]
+    extra += [
+        f'<a href="{html.escape(safe_href(href))}">{html.escape(label)}</a>' for label, href in (links or {}).items()
+    ]
     meta = f"<p>{' &middot; '.join(extra)}</p>" if extra else ""
     return (
         "\n".join(
@@ -197,7 +218,7 @@ def figure(png: bytes, alt: str, caption: str | Raw, *, href: str | None = None,
         f'height="{height // 2}"{attrs}>'
     )
     if href:
-        img = f'<a href="{html.escape(href)}" title="full size">{img}</a>'
+        img = f'<a href="{html.escape(safe_href(href))}" title="full size">{img}</a>'
     return f"<figure>{img}<figcaption>{_esc(caption)}</figcaption></figure>"
 
 

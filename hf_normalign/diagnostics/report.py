@@ -31,7 +31,6 @@ import argparse
 import datetime as _dt
 import json
 import os
-import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,8 +39,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..console import emit
 from ..persistence.staging import write_file_atomically
 from . import plots
+from .html import safe_href
 from .metrics.degradation import DegradationResult, visual_degradation
 from .metrics.keyspace import KeySpaceResult, key_space_gap
 from .metrics.mir import mir
@@ -175,7 +176,8 @@ def build_report(
             scikit-learn: ``pip install "hf-normalign[tsne]"``).
         seed: seed of the subsets and the samplers.
         title: heading of the HTML page.
-        links: label -> href shown in the page header, e.g. ``{"demo report": "../report.html"}``.
+        links: label -> href shown in the page header, e.g. ``{"demo report": "../report.html"}``: http(s) URLs
+            and relative paths only (another scheme, such as ``javascript:``, raises ``ValueError``).
         progress: tqdm progress bars.
 
     Example:
@@ -193,6 +195,8 @@ def build_report(
     for name, pair in models.items():
         if not (isinstance(pair, tuple) and len(pair) == 2):
             raise TypeError(f"models[{name!r}] must be a (model, processor) tuple")
+    for href in (links or {}).values():  # before any work: a javascript: link is refused, not written
+        safe_href(href)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     opts = {
@@ -288,42 +292,30 @@ def _load(source: str, device: str, dtype: str) -> tuple[Any, Any]:
 
 
 def _main(args: argparse.Namespace) -> int:
-    if (args.images is None) != (args.texts is None):
-        print("normalign report: error: --images and --texts go together", file=sys.stderr)
-        return 2
-    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    unknown = [m for m in metrics if m not in METRICS]
-    if unknown or not metrics:  # before loading any model
-        print(f"normalign report: error: unknown metrics {unknown}; choose from {','.join(METRICS)}", file=sys.stderr)
-        return 2
+    """``normalign report`` (options, and the usage checks done before this runs, in hf_normalign.cli)."""
     sources = [args.model, *args.compare]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     probe = None
-    try:
-        if args.images is not None:
-            from .probes import load_probe
+    if args.images is not None:
+        from .probes import load_probe
 
-            probe = load_probe(args.images, args.texts, num_samples=args.num_samples, seed=args.seed)
-        models = {name: _load(src, device, args.dtype) for name, src in zip(_names(sources), sources, strict=True)}
-        report = build_report(
-            models,
-            args.out,
-            probe,
-            metrics=metrics,
-            num_samples=args.num_samples,
-            degradation_samples=args.degradation_samples,
-            batch_size=args.batch_size,
-            key_layers=args.key_layers,
-            max_key_samples=args.max_key_samples,
-            seed=args.seed,
-            title=args.title,
-            progress=not args.no_progress,
-        )
-    except (ValueError, OSError) as err:
-        print(f"normalign report: error: {err}", file=sys.stderr)
-        return 2
+        probe = load_probe(args.images, args.texts, num_samples=args.num_samples, seed=args.seed)
+    models = {name: _load(src, device, args.dtype) for name, src in zip(_names(sources), sources, strict=True)}
+    report = build_report(
+        models,
+        args.out,
+        probe,
+        metrics=args.metrics,
+        num_samples=args.num_samples,
+        degradation_samples=args.degradation_samples,
+        batch_size=args.batch_size,
+        key_layers=args.key_layers,
+        max_key_samples=args.max_key_samples,
+        seed=args.seed,
+        title=args.title,
+        progress=not args.no_progress,
+    )
     for name, values in report.summary.items():
-        shown = ", ".join(f"{k} {format_number(v)}" for k, v in values.items() if v is not None)
-        print(f"{name}: {shown}")
-    print(f"wrote {report.html}, {report.json} and {len(report.plots)} plots")
+        emit(f"{name}: " + ", ".join(f"{k} {format_number(v)}" for k, v in values.items() if v is not None))
+    emit(f"wrote {report.html}, {report.json} and {len(report.plots)} plots")
     return 0

@@ -8,6 +8,7 @@ import torch
 from transformers.utils import logging
 
 from ..config import NormAlignConfig
+from ..console import emit
 from ..patching import patch
 from .save import save_pretrained
 from .switch import autoload
@@ -19,7 +20,7 @@ def run(args: argparse.Namespace) -> int:
     """``normalign patch`` (options in hf_normalign.cli): load, patch and save."""
     config = args.methods or args.config
     saved = _patch_and_save(args, config)
-    print(f"Saved {saved} ({', '.join(config.methods)}) to {args.out}")
+    emit(f"Saved {saved} ({', '.join(config.methods)}) to {args.out}")
     return 0
 
 

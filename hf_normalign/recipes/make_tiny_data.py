@@ -19,6 +19,8 @@ import os
 import random
 from typing import Any
 
+from hf_normalign.cli import positive_int
+
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
 SHAPES = ("square", "circle", "triangle")
 
@@ -107,11 +109,16 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m hf_normalign.recipes.make_tiny_data", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("directory", help="output directory (data.json, images/, model/)")
-    parser.add_argument("--num-samples", type=int, default=32)
+    parser.add_argument("--num-samples", type=positive_int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--multi-turn-every", type=int, default=4, help="every N-th row is multi-turn (0: none)")
     parser.add_argument("--model", metavar="FAMILY", help="also save a tiny model + processor of this family")
     args = parser.parse_args(argv)
+    if args.model is not None:  # checked before anything is written (the families' list imports torch: not in --help)
+        from hf_normalign.testing import TINY_FAMILIES
+
+        if args.model not in TINY_FAMILIES:
+            parser.error(f"--model: unknown family {args.model!r}; choose from {', '.join(TINY_FAMILIES)}")
     path = make_tiny_data(
         args.directory,
         num_samples=args.num_samples,

@@ -6,17 +6,24 @@ Usage::
     python -m hf_normalign.recipes.stage2 --config llava_stage2 --model_name_or_path MODEL --output_dir OUT
     accelerate launch --config_file recipes/accelerate/ddp.yaml -m hf_normalign.recipes.stage2 --config ...
 
-Options: ``--help``; configs and data formats: docs/recipes.md.
+Options: ``--help`` (the recipe's own, without importing torch; ``--help-training`` adds TrainingArguments'); configs
+and data formats: docs/recipes.md.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
-from hf_normalign.recipes import train
+from hf_normalign.recipes import arguments
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if arguments.print_help_if_asked(argv, stage=2):  # without importing torch: train is imported below
+        return 0
+    from hf_normalign.recipes import train
+
     return train.main(argv, stage=2)
 
 

@@ -28,11 +28,20 @@ import shutil
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import yaml
+from hf_normalign.recipes import arguments
+from hf_normalign.recipes.arguments import (
+    COMMON_DEFAULTS,
+    DTYPE_NAMES,
+    STAGE_DEFAULTS,
+    DataArguments,
+    ModelArguments,
+    RecipeArguments,
+)
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from transformers.utils import logging
@@ -51,83 +60,11 @@ logger = logging.get_logger(__name__)
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
-# Defaults per stage (LLaVA-1.5 practice): 1 = alignment, 2 = instruction tuning. YAML and CLI override them.
-STAGE_DEFAULTS: dict[int, dict[str, Any]] = {
-    # Stage 1: with an image in every batch, every trained parameter gets a gradient at every step, so DDP need
-    # not search for unused parameters (text-only rows: pass --ddp_find_unused_parameters true).
-    1: {
-        "learning_rate": 1e-3,
-        "warmup_steps": 0.03,
-        "lr_scheduler_type": "cosine",
-        "weight_decay": 0.0,
-        "ddp_find_unused_parameters": False,
-    },
-    2: {"learning_rate": 2e-5, "warmup_steps": 0.03, "lr_scheduler_type": "cosine", "weight_decay": 0.0},
-}
-# Our dataset is a torch Dataset of raw conversations: the Trainer must not drop its "unused" columns.
-COMMON_DEFAULTS: dict[str, Any] = {"remove_unused_columns": False}
-DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: name if name == "auto" else getattr(torch, name) for name in DTYPE_NAMES}
 
 
 class ConfigError(ValueError):
     """The recipe's configuration is invalid; raised before anything is written."""
-
-
-@dataclass
-class ModelArguments:
-    model_name_or_path: str | None = field(
-        default=None,
-        metadata={"help": "base VLM (directory or Hub id), or an aligned checkpoint (e.g. the stage-1 output)"},
-    )
-    processor_name_or_path: str | None = field(default=None, metadata={"help": "default: model_name_or_path"})
-    methods: str | None = field(
-        default=None,
-        metadata={
-            "help": f"comma-separated methods ({','.join(METHODS)}), or 'none' for the papers' baseline (the same "
-            "recipe without any intervention); not needed for an aligned checkpoint"
-        },
-    )
-    normalign_config: str | None = field(
-        default=None,
-        metadata={"help": "NormAlignConfig as JSON text or a .json file (a mapping in YAML); instead of --methods"},
-    )
-    dtype: str = field(default="auto", metadata={"help": f"weights dtype on load: {', '.join(DTYPES)}"})
-    lora: bool = field(default=False, metadata={"help": "stage 2: LoRA on the LLM instead of full fine-tuning"})
-    qlora: bool = field(default=False, metadata={"help": "stage 2: LoRA on a 4-bit LLM (bitsandbytes)"})
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_target_modules: str = field(
-        default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-        metadata={"help": "comma-separated Linear names inside the LLM decoder layers"},
-    )
-
-
-@dataclass
-class DataArguments:
-    data_path: str | None = field(
-        default=None,
-        metadata={"help": "LLaVA JSON/JSONL file, a datasets.save_to_disk directory, or a datasets name/path"},
-    )
-    image_folder: str | None = field(default=None, metadata={"help": "base of relative image paths"})
-    dataset_split: str = "train"
-    image_column: str = "image"
-    conversations_column: str = "conversations"
-    id_column: str = "id"
-    skip_bad_rows: bool = field(default=False, metadata={"help": "skip (and count) bad rows instead of failing"})
-    verify_images: bool = field(default=True, metadata={"help": "decode every image while validating the data"})
-    max_length: int | None = field(default=None, metadata={"help": "cut longer rows (never through image tokens)"})
-    chat_template: str = field(default="auto", metadata={"help": "auto (processor/tokenizer template) or plain"})
-
-
-@dataclass
-class RecipeArguments:
-    mir_every: int = field(default=0, metadata={"help": "log MIR every N optimizer steps (0: off)"})
-    mir_samples: int = field(default=100, metadata={"help": "probe samples for MIR"})
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={"help": "train into an output_dir that holds an earlier run, deleting its checkpoint-* folders"},
-    )
 
 
 @dataclass
@@ -154,8 +91,8 @@ _DATACLASSES = (ModelArguments, DataArguments, RecipeArguments, TrainingArgument
 def _parser(stage: int) -> HfArgumentParser:
     parser = HfArgumentParser(
         _DATACLASSES,
-        prog=f"python -m hf_normalign.recipes.stage{stage}",
-        description=f"Stage {stage} ({'alignment' if stage == 1 else 'instruction tuning'}) of an aligned VLM.",
+        prog=arguments.prog(stage),
+        description=arguments.description(stage),
         epilog="Also: --config FILE.yaml (defaults for any option below; packaged names such as llava_stage1 work "
         "too) and --push-to-hub REPO (upload the final checkpoint with normalign.push_to_hub).",
     )
@@ -207,6 +144,8 @@ def _yaml_defaults(path: str, parser: HfArgumentParser) -> tuple[dict[str, Any],
 def parse_args(argv: Sequence[str] | None, stage: int) -> RecipeConfig:
     """Parse ``--config`` YAML + command line into a validated :class:`RecipeConfig` (raises :class:`ConfigError`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    # --help-training: the full help, TrainingArguments included (--help of the entry points is arguments.help_text)
+    argv = ["--help" if arg == arguments.TRAINING_HELP_FLAG else arg for arg in argv]
     # `--push-to-hub REPO` names a repo, unlike TrainingArguments' boolean of the same name: take it first.
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")

@@ -38,13 +38,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from ...console import emit
 from ...modeling import get_base_model
 from ...persistence.staging import write_file_atomically
 from ..engine import CaptureBatch
@@ -391,9 +391,6 @@ def _launched_accelerator(device: str) -> Any:
 def _main(args: argparse.Namespace) -> int:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    if (args.images is None) != (args.texts is None):
-        print("normalign mir: --images and --texts go together", file=sys.stderr)
-        return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     accelerator = _launched_accelerator(device)
     kwargs: dict[str, Any] = {"dtype": args.dtype, "device_map": device if accelerator is None else accelerator.device}
@@ -401,11 +398,11 @@ def _main(args: argparse.Namespace) -> int:
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
-    model = AutoModelForImageTextToText.from_pretrained(args.model, **kwargs)
-    processor = AutoProcessor.from_pretrained(args.model)
-    probe = None
+    probe = None  # read first: a bad texts file is reported before the model loads
     if args.images is not None:
         probe = load_probe(args.images, args.texts, num_samples=args.num_samples, seed=args.seed)
+    model = AutoModelForImageTextToText.from_pretrained(args.model, **kwargs)
+    processor = AutoProcessor.from_pretrained(args.model)
     result = mir(
         model,
         processor,
@@ -429,10 +426,10 @@ def _main(args: argparse.Namespace) -> int:
         accelerator=accelerator,
     )
     if result is not None:  # the main process
-        print(result)
+        emit(result)
         if args.json is not None:
             write_file_atomically(args.json, json.dumps(result.to_dict(), indent=2) + "\n")
-            print(f"wrote {args.json}")
+            emit(f"wrote {args.json}")
     if accelerator is not None:  # leave together: a process exiting with the group open aborts the launch
         accelerator.wait_for_everyone()
         accelerator.end_training()

@@ -24,7 +24,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import random
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -36,6 +35,8 @@ from typing import Any, overload
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from ...text_files import read_jsonl, read_text
 
 __all__ = [
     "DEFAULT_KINDS",
@@ -387,26 +388,34 @@ def _draw_scene(rng: np.random.Generator, size: int) -> Image.Image:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _read_utf8(path: Path) -> str:
-    try:
-        return path.read_text("utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}): save it as UTF-8") from err
+def _jsonl_passage(path: Path, line: int, record: Any) -> str:
+    """The ``"text"`` string of one ``.jsonl`` record; anything else (no field, null, a number) is refused."""
+    where = f"{path}, line {line}"
+    if not isinstance(record, dict) or "text" not in record:
+        got = f"keys {sorted(record)}" if isinstance(record, dict) else f"a JSON {type(record).__name__}"
+        raise ValueError(f'{where}: expected an object with a "text" string, got {got}: write {{"text": "..."}}')
+    text = record["text"]
+    if not isinstance(text, str) or not text.strip():
+        got = "null" if text is None else repr(text) if isinstance(text, str) else f"a {type(text).__name__}"
+        raise ValueError(f'{where}: "text" must be a non-empty string, got {got}: fix or remove that line')
+    return text.strip()
 
 
 def _read_texts(texts: str | Path | Sequence[str]) -> list[str]:
     if not isinstance(texts, (str, Path)):
-        return [str(t) for t in texts]
+        bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+        if bad:
+            raise TypeError(f"texts[{bad[0]}] is {type(texts[bad[0]]).__name__}, not a string: pass passages as str")
+        return list(texts)
     path = Path(texts)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() == ".txt")
-        return [_read_utf8(p).strip() for p in files]
+        return [read_text(p).strip() for p in files]
     if not path.is_file():
         raise FileNotFoundError(f"text file or folder not found: {path}")
-    lines = _read_utf8(path).splitlines()
     if path.suffix.lower() == ".jsonl":
-        return [str(json.loads(line)["text"]).strip() for line in lines if line.strip()]
-    return [line.strip() for line in lines if line.strip()]
+        return [_jsonl_passage(path, line, record) for line, record in read_jsonl(path)]
+    return [line.strip() for line in read_text(path).splitlines() if line.strip()]
 
 
 def load_probe(
