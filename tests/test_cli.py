@@ -331,8 +331,9 @@ def test_recipe_help_training_lists_what_help_leaves_to_it(capsys):
     """--help lists every recipe option the full parser has; --help-training adds exactly TrainingArguments'."""
     import dataclasses
 
-    from hf_normalign.recipes import stage2
     from transformers import TrainingArguments
+
+    from hf_normalign.recipes import stage2
 
     def options(argv):
         try:

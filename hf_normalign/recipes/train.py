@@ -33,15 +33,6 @@ from typing import Any
 
 import torch
 import yaml
-from hf_normalign.recipes import arguments
-from hf_normalign.recipes.arguments import (
-    COMMON_DEFAULTS,
-    DTYPE_NAMES,
-    STAGE_DEFAULTS,
-    DataArguments,
-    ModelArguments,
-    RecipeArguments,
-)
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from transformers.utils import logging
@@ -54,6 +45,15 @@ from hf_normalign.patching import get_plugin
 from hf_normalign.peft_utils import mark_plugin_trainable
 from hf_normalign.persistence import CONFIG_NAME, CheckpointInfo
 from hf_normalign.quantization import bnb_config, prepare_for_kbit_training
+from hf_normalign.recipes import arguments
+from hf_normalign.recipes.arguments import (
+    COMMON_DEFAULTS,
+    DTYPE_NAMES,
+    STAGE_DEFAULTS,
+    DataArguments,
+    ModelArguments,
+    RecipeArguments,
+)
 from hf_normalign.registry import get_spec
 
 logger = logging.get_logger(__name__)
