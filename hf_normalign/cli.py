@@ -65,6 +65,19 @@ def positive_int(text: str) -> int:
     return value
 
 
+def pair_count(text: str) -> int:
+    """A number of image-text pairs for MIR: at least 2 (its covariances divide by N - 1)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 2:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer of at least 2 (MIR needs 2 image-text pairs), got {text!r}"
+        )
+    return value
+
+
 def log_base(text: str) -> float:
     """The base of MIR's logarithm: a finite positive number other than 1 (as ``diagnostics.mir`` checks)."""
     try:
@@ -254,7 +267,7 @@ def _push_arguments(p: argparse.ArgumentParser) -> None:
 def _probe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", type=existing_dir, help="image folder of your probe set (with --texts)")
     p.add_argument("--texts", help="text file (one passage per line), .jsonl, or folder of .txt files")
-    p.add_argument("--num-samples", type=positive_int, default=100, help="image-text pairs to use (default 100)")
+    p.add_argument("--num-samples", type=pair_count, default=100, help="image-text pairs to use (default 100)")
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--device", help="cpu, cuda, cuda:1 or auto (device map); default: cuda if available")
     p.add_argument("--dtype", choices=DTYPES, default="auto")

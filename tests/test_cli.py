@@ -59,7 +59,8 @@ def usage_error(argv, capsys) -> str:
 
 
 USAGE_ERRORS = {
-    "num-samples 0": (["mir", "{base}", "--num-samples", "0"], "--num-samples: expected a positive integer, got '0'"),
+    "num-samples 0": (["mir", "{base}", "--num-samples", "0"], "--num-samples: expected an integer of at least 2"),
+    "num-samples 1": (["mir", "{base}", "--num-samples", "1"], "--num-samples: expected an integer of at least 2"),
     "dtype float17": (["mir", "{base}", "--dtype", "float17"], "invalid choice: 'float17'"),
     "json in a missing folder": (["mir", "{base}", "--json", "{tmp}/missing/x.json"], "does not exist: create it"),
     "layers": (["mir", "{base}", "--layers", "a-b"], "bad layer list"),

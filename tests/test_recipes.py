@@ -314,6 +314,7 @@ CONFIG_ERRORS = {
     "missing-model": (1, {"model_name_or_path": "/nonexistent/model"}, "not found"),
     "trainer-argument": (1, {"warmup_steps": -1}, "warmup_steps"),  # transformers' own message varies by release
     "yaml-bad-choice": (1, {"config": "yaml:lr_scheduler_type: wobbly\n"}, "wobbly"),
+    "one-mir-sample": (1, {"mir_every": 1, "mir_samples": 1}, "--mir_samples >= 2"),
 }
 
 

@@ -207,8 +207,8 @@ def _validate(
         raise ConfigError(f"--chat_template must be 'auto' or 'plain', got {data_args.chat_template!r}")
     if data_args.max_length is not None and data_args.max_length < 1:
         raise ConfigError(f"--max_length must be positive, got {data_args.max_length}")
-    if recipe_args.mir_every < 0 or recipe_args.mir_samples < 1:
-        raise ConfigError("--mir_every must be >= 0 and --mir_samples >= 1")
+    if recipe_args.mir_every < 0 or recipe_args.mir_samples < 2:
+        raise ConfigError("--mir_every must be >= 0 and --mir_samples >= 2 (MIR needs 2 image-text pairs)")
     _check_data_paths(data_args)
     if hub is not None:
         from huggingface_hub.utils import HFValidationError, validate_repo_id
