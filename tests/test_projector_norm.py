@@ -169,6 +169,9 @@ def test_register_architecture_for_a_new_family():
         vision_tower="model.vision_tower",
     )
     normalign.register_architecture(spec)
-    assert "my_llava_like" in normalign.supported_architectures()
-    normalign.patch(model, methods="projector_norm")
-    assert normalign.get_config(model).methods == ["projector_norm"]
+    try:
+        assert "my_llava_like" in normalign.supported_architectures()
+        normalign.patch(model, methods="projector_norm")
+        assert normalign.get_config(model).methods == ["projector_norm"]
+    finally:
+        normalign.unregister_architecture("my_llava_like")  # later tests see the shipped registry

@@ -4,7 +4,7 @@
 Usage::
 
     python -m hf_normalign.recipes.stage2 --config llava_stage2 --model_name_or_path MODEL --output_dir OUT
-    accelerate launch --config_file recipes/accelerate/ddp.yaml -m hf_normalign.recipes.stage2 --config ...
+    accelerate launch --config_file hf_normalign/recipes/accelerate/ddp.yaml -m hf_normalign.recipes.stage2 --config ...
 
 Options: ``--help`` (the recipe's own, without importing torch; ``--help-training`` adds TrainingArguments'); configs
 and data formats: docs/recipes.md.
@@ -12,19 +12,13 @@ and data formats: docs/recipes.md.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 
-from hf_normalign.recipes import arguments
+from hf_normalign.recipes.arguments import run_stage
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if arguments.print_help_if_asked(argv, stage=2):  # without importing torch: train is imported below
-        return 0
-    from hf_normalign.recipes import train
-
-    return train.main(argv, stage=2)
+    return run_stage(argv, stage=2)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ written: a config error leaves the output directory untouched.
 Usage::
 
     python -m hf_normalign.recipes.stage1 --config recipes/configs/llava_stage1.yaml --output_dir out/s1
-    accelerate launch --config_file recipes/accelerate/ddp.yaml -m hf_normalign.recipes.stage1 --config ...
+    accelerate launch --config_file hf_normalign/recipes/accelerate/ddp.yaml -m hf_normalign.recipes.stage1 --config ...
 
     from hf_normalign.recipes.train import main, parse_args, run
     trainer = run(parse_args(["--config", "cfg.yaml"], stage=1))      # returns the Trainer after training
