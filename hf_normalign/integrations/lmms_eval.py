@@ -14,21 +14,26 @@ processor without one, the text with the image placeholder per visual in front.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
-from lmms_eval.models.registry_v2 import ModelManifest
 
 from ..patching import is_patched
 from ..persistence.load import from_pretrained
+
+if TYPE_CHECKING:
+    from lmms_eval.models.registry_v2 import ModelManifest
 
 MODEL_ID = "hf_normalign"
 
 
 def manifest() -> ModelManifest:
     """The ``lmms_eval.models`` entry point: ``--model hf_normalign``."""
+    # Imported here: importing lmms_eval.models scans this very entry point, which would find this module half-loaded.
+    from lmms_eval.models.registry_v2 import ModelManifest
+
     return ModelManifest(model_id=MODEL_ID, simple_class_path=f"{__name__}.NormAlignLMM", aliases=("normalign",))
 
 
