@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -127,16 +126,6 @@ def help_text(stage: int) -> str:
             shown = f.metadata.get("help", "")
             group.add_argument(f"--{f.name}", metavar=f.name.upper(), help=f"{shown} (default: {default})".lstrip())
     return parser.format_help()
-
-
-def run_stage(argv: Sequence[str] | None, stage: int) -> int:
-    """The stage-``stage`` entry point: the light ``--help`` without importing torch, otherwise the recipe."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if print_help_if_asked(argv, stage):
-        return 0
-    from . import train  # torch and transformers load here, after the help check
-
-    return train.main(argv, stage=stage)
 
 
 def print_help_if_asked(argv: Sequence[str], stage: int) -> bool:

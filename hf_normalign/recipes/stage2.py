@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from hf_normalign.recipes.arguments import run_stage
+from hf_normalign.recipes.entry import run_stage
 
 
 def main(argv: Sequence[str] | None = None) -> int:
