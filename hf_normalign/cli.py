@@ -55,27 +55,23 @@ MODULE_DISTRIBUTIONS = {"sklearn": "scikit-learn", "PIL": "pillow", "yaml": "pyy
 # --- argument types: each raises ArgumentTypeError, which argparse reports as a usage error ----------------------
 
 
-def positive_int(text: str) -> int:
+def _int_at_least(text: str, minimum: int, expected: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        value = minimum - 1
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _int_at_least(text, 1, "a positive integer")
 
 
 def pair_count(text: str) -> int:
     """A number of image-text pairs for MIR: at least 2 (its covariances divide by N - 1)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 2:
-        raise argparse.ArgumentTypeError(
-            f"expected an integer of at least 2 (MIR needs 2 image-text pairs), got {text!r}"
-        )
-    return value
+    return _int_at_least(text, 2, "an integer of at least 2 (MIR needs 2 image-text pairs)")
 
 
 def log_base(text: str) -> float:
