@@ -26,7 +26,7 @@ class SchemaError(ValueError):
     """``normalign_config.json`` does not have the fields and types of a checkpoint format this release reads."""
 
 
-def _is_int(value: Any) -> bool:
+def _is_positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
@@ -38,7 +38,7 @@ def _is_name(value: Any) -> bool:
 _KINDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "object": ("a JSON object", lambda v: isinstance(v, dict)),
     "bool": ("true or false", lambda v: isinstance(v, bool)),
-    "int": ("a JSON integer >= 1", _is_int),
+    "int": ("a JSON integer >= 1", _is_positive_int),
     "name": ("a non-empty string", _is_name),
     "class": ("a Python class name", lambda v: isinstance(v, str) and v.isidentifier()),
     "optional name": ("a non-empty string or null", lambda v: v is None or _is_name(v)),
@@ -71,7 +71,7 @@ def validate(data: Any, source: str, reader: str) -> int:
     if not isinstance(data, dict):
         raise SchemaError(f"{source} must hold a JSON object, got {type(data).__name__}.")
     version = data.get("format_version")
-    if not _is_int(version):
+    if not _is_positive_int(version):
         raise SchemaError(
             f"{source} has an unknown format_version {version!r}; {reader} reads format 1..{FORMAT_VERSION}. The file "
             "is not an hf-normalign checkpoint config, or it was edited."
