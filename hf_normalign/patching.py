@@ -13,7 +13,6 @@ and the per-forward flow are in `hf_normalign.hooks`.
 from __future__ import annotations
 
 import copy
-import functools
 import threading
 import weakref
 from collections.abc import Callable
@@ -26,8 +25,10 @@ from torch import nn
 from . import methods as method_modules
 from .config import METHODS, NormAlignConfig
 from .hooks import register_hooks
+from .methods import pre
+from .model_view import ModelView
 from .modeling import get_base_model
-from .registry import ArchitectureSpec, embedding_scale, get_spec
+from .registry import ArchitectureSpec
 
 ATTRIBUTE = "normalign"
 
@@ -59,18 +60,6 @@ class NormAlignModules(nn.Module):
         self.config = config
         self.spec = spec
         self.vision_token_ids: list[int] = []
-        self.pre_layer: int | None = None
-        # Set by `NormAlignCallback` to 1 / gradient_accumulation_steps so the injected PRe
-        # gradient keeps its weight when the trainer divides the LM loss.
-        self.pre_grad_scale = 1.0
-        # Multiplies only the detached PRe term added to `outputs.loss` (a value for logging; the gradient is
-        # injected): set by `NormAlignCallback` to cancel the HF Trainer's `loss *= num_processes`.
-        self.pre_loss_term_scale = 1.0
-        # fp16 loss scaling: see `set_loss_scaler`.
-        self.loss_scaler: Any = None
-        self.loss_scaler_declared = False
-        # The unweighted PRe loss of the latest forward that computed one (detached), for logging only.
-        self.last_pre_loss: torch.Tensor | None = None
         self._hooks: list[_Hook] = []
         self._reset_forward_tracking()
 
@@ -166,17 +155,6 @@ class NormAlignModules(nn.Module):
 
     def __reduce_ex__(self, protocol: int) -> Any:
         raise TypeError(_NO_PICKLE)
-
-    def pre_loss_coefficient(self, device: torch.device) -> torch.Tensor:
-        """``weight * accumulation factor * loss scale`` for the injected PRe gradient, as a 0-dim tensor."""
-        coef = self.config.pre.weight * self.pre_grad_scale
-        scaler = self.loss_scaler
-        if scaler is None:
-            return torch.tensor(coef, dtype=torch.float32, device=device)
-        scale = getattr(scaler, "_scale", None)  # GradScaler's live scale tensor (no host sync); None before use
-        if scale is None:
-            return torch.tensor(coef * float(scaler.get_scale()), dtype=torch.float32, device=device)
-        return (scale.to(device=device, dtype=torch.float32) * coef).reshape(())
 
 
 _NO_PICKLE = (
@@ -276,7 +254,9 @@ def set_loss_scaler(model: nn.Module, scaler: Any) -> None:
         raise ValueError("set_loss_scaler: this model is not patched by hf-normalign.")
     if scaler is not None and not callable(getattr(scaler, "get_scale", None)):
         raise TypeError(f"set_loss_scaler expects a torch.amp.GradScaler or None, got {type(scaler).__name__}.")
-    plugin.loss_scaler, plugin.loss_scaler_declared = scaler, True
+    run = pre.run_state(plugin)
+    if run is not None:  # only PRe injects a gradient that must follow the scale
+        run.declare_loss_scaler(scaler)
 
 
 def _resolve_config(config, methods, overrides) -> NormAlignConfig:
@@ -300,56 +280,6 @@ def _resolve_config(config, methods, overrides) -> NormAlignConfig:
     return config
 
 
-@dataclass(frozen=True)
-class PatchTarget:
-    """The model being patched, seen through its spec: what each method's ``build`` and ``attach`` get."""
-
-    base: nn.Module
-    spec: ArchitectureSpec
-    init_weights: bool  # False: the caller loads saved plugin weights next, so skip measuring the model
-
-    @functools.cached_property
-    def layers(self) -> nn.ModuleList:
-        return self.spec.decoder_layers(self.base)
-
-    @property
-    def hidden_size(self) -> int:
-        return self.spec.hidden_size(self.base.config)
-
-    @property
-    def input_module(self) -> nn.Module:
-        return self.spec.get(self.base, self.spec.input_module)
-
-    @property
-    def language_model(self) -> nn.Module:
-        return self.spec.get(self.base, self.spec.language_model)
-
-    @property
-    def projector(self) -> nn.Module:
-        return self.spec.get(self.base, self.spec.projector)
-
-    @property
-    def extra_projectors(self) -> list[nn.Module]:
-        """Further projectors whose outputs reach the vision positions (Qwen3-VL's deepstack mergers)."""
-        return [module for path in self.spec.extra_projectors for module in self.spec.get(self.base, path)]
-
-    def embedding_scale(self) -> float:
-        return embedding_scale(self.base, self.spec)
-
-    @staticmethod
-    def device_of(module: nn.Module) -> torch.device:
-        """Where `module`'s weights are, for the plugin modules that act on its output."""
-        for tensor in module.parameters():
-            if tensor.device.type == "meta":
-                raise ValueError(
-                    f"{type(module).__name__} has its weights on the meta device (disk offload or an unloaded "
-                    "model); plugin modules cannot be placed there. Load the model with a device_map that keeps "
-                    "the projector and decoder layers on CPU/GPU."
-                )
-            return tensor.device
-        return torch.device("cpu")
-
-
 def _refuse_partitioned(model: nn.Module) -> None:
     """DeepSpeed ZeRO-3 (``deepspeed.zero.Init``) leaves empty placeholders (``ds_id``) instead of weights, and
     patching measures the text-embedding norm and sizes the plugin from real weights."""
@@ -363,12 +293,12 @@ def _refuse_partitioned(model: nn.Module) -> None:
         )
 
 
-def _checked_vision_token_ids(base: nn.Module, spec: ArchitectureSpec) -> list[int]:
+def _checked_vision_token_ids(view: ModelView) -> list[int]:
     """The config's placeholder ids, checked against the embedding now rather than failing inside the forward."""
-    ids = spec.vision_token_ids(base.config)
+    base, spec, ids = view.base, view.spec, view.vision_token_ids
     if spec.placeholder_outside_vocab:
         return ids
-    embed = spec.input_embeddings(base)
+    embed = view.input_embeddings
     rows = embed.weight.shape[0] if hasattr(embed, "weight") else embed.num_embeddings
     for attr in (spec.image_token_attr, spec.video_token_attr):
         value = None if attr is None else getattr(base.config, attr, None)
@@ -416,8 +346,7 @@ def patch(
     _refuse_partitioned(model)
     # A private copy: editing the caller's config afterwards must not change the patched model.
     config = NormAlignConfig.from_dict(_resolve_config(config, methods, overrides).to_dict())
-    base = get_base_model(model)
-    existing = get_plugin(base)
+    existing = get_plugin(model)
     if existing is not None:
         if existing.config == config:
             return model
@@ -425,17 +354,16 @@ def patch(
             f"This model is already patched with {existing.config}; refusing to patch it with {config}. "
             "Call `hf_normalign.unpatch(model)` first."
         )
-    spec = get_spec(base)
-    spec.validate(base)
-    target = PatchTarget(base, spec, init_weights)
-    plugin = NormAlignModules(config, spec)
-    plugin.vision_token_ids = _checked_vision_token_ids(base, spec)
+    view = ModelView.of(model)
+    view.spec.validate(view.base)
+    plugin = NormAlignModules(config, view.spec)
+    plugin.vision_token_ids = _checked_vision_token_ids(view)
     methods = [method_modules.load(name) for name in config.methods]
     for method in methods:  # each checks its config against the model first: an error leaves the model as it was
-        method.build(plugin, target)
-    plugin.train(base.training)
-    base.add_module(ATTRIBUTE, plugin)
-    register_hooks(plugin, target, methods)
+        method.build(plugin, view, init_weights=init_weights)
+    plugin.train(view.base.training)
+    view.base.add_module(ATTRIBUTE, plugin)
+    register_hooks(plugin, view, methods)
     return model
 
 

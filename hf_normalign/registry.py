@@ -1,6 +1,6 @@
 """The registry of VLM families: one `ArchitectureSpec` per `config.model_type`, and the lookups.
 
-The spec dataclass is in `hf_normalign.spec`, the built-in specs in `hf_normalign.patches` (one module per
+The spec dataclass is in `hf_normalign.spec`, the built-in specs in `hf_normalign.specs` (one module per
 family), registered here on the first lookup.
 """
 
@@ -115,7 +115,7 @@ def embedding_scale(model: nn.Module, spec: ArchitectureSpec, *, eps: float = 1e
 def _load_builtin_specs() -> None:
     if _BUILTIN:
         return
-    from hf_normalign.patches import SPECS
+    from hf_normalign.specs import SPECS
 
     builtin = {spec.model_type: spec for spec in SPECS}
     _REGISTRY.update(builtin)

@@ -1,6 +1,6 @@
 """`ArchitectureSpec`: where the projector, LLM and vision tower of one VLM family are (a declarative record).
 
-The built-in specs are in `hf_normalign.patches` (one module per family); `hf_normalign.registry` keys them by
+The built-in specs are in `hf_normalign.specs` (one module per family); `hf_normalign.registry` keys them by
 `config.model_type`. Paths are dotted attribute paths from the `...ForConditionalGeneration` instance and are
 resolved at call time, so wrappers that swap a module (PEFT's `modules_to_save`) are followed.
 """

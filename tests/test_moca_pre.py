@@ -285,7 +285,8 @@ def test_callback_factors_do_not_outlive_the_training_run(tmp_path):
         model=model, args=args, train_dataset=samples, data_collator=collate, callbacks=[normalign.NormAlignCallback()]
     ).train()
     plugin = model.normalign
-    assert (plugin.pre_grad_scale, plugin.pre_loss_term_scale, plugin.loss_scaler_declared) == (1.0, 1.0, False)
+    run = plugin.pre_run
+    assert (run.grad_scale, run.loss_term_scale, run.loss_scaler_declared) == (1.0, 1.0, False)
     out = model(**samples[0])
     logits, labels = out.logits[:, :-1], samples[0]["labels"][:, 1:]
     lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)

@@ -30,7 +30,7 @@ def test_override_before_the_first_lookup_leaves_the_other_families_alone():
         """
         import dataclasses
         import hf_normalign as normalign
-        from hf_normalign.patches.llava import SPEC
+        from hf_normalign.specs.llava import SPEC
         from hf_normalign.testing import tiny_model
 
         override = dataclasses.replace(SPEC, vision_grid="overview_tile")
@@ -44,7 +44,7 @@ def test_override_before_the_first_lookup_leaves_the_other_families_alone():
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    from hf_normalign.patches import SPECS
+    from hf_normalign.specs import SPECS
 
     assert int(done.stdout.split()[-1]) == len(SPECS)
 

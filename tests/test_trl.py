@@ -145,7 +145,7 @@ def _by_hand_pre_grad(start, forwards, weight, accumulation):
     names = [f"pre_head.{n}" for n, _ in plugin.pre_head.named_parameters()]
     params = [p.detach().double().requires_grad_(True) for p in plugin.pre_head.parameters()]
     w1, b1, w2, b2 = params  # fc1.weight, fc1.bias, fc2.weight, fc2.bias
-    layer = plugin.pre_layer
+    layer = plugin.pre_run.layer
     total = None
     for kwargs in forwards:
         inputs = {k: kwargs[k] for k in ("input_ids", "attention_mask", "pixel_values") if k in kwargs}
@@ -200,7 +200,7 @@ def test_dpo_lora_reference_pass_runs_initial_plugin(tmp_path):
     plugin = get_plugin(policy)
     batch = normalign.testing.tiny_batch("llava")
     policy(**batch)
-    policy_pre_loss = plugin.last_pre_loss
+    policy_pre_loss = plugin.pre_run.last_loss
     trained = {n: p.detach().clone() for n, p in plugin.named_parameters()}
     with torch.no_grad(), policy.disable_adapter():
         ref_logits = policy(**batch).logits
@@ -208,7 +208,7 @@ def test_dpo_lora_reference_pass_runs_initial_plugin(tmp_path):
         assert torch.equal(ref_logits, start(**batch).logits)
     # Back to the trained plugin, and the policy's PRe loss is what the step logs.
     assert all(torch.equal(p, trained[n]) for n, p in plugin.named_parameters())
-    assert plugin.last_pre_loss is policy_pre_loss
+    assert plugin.pre_run.last_loss is policy_pre_loss
     assert not any(torch.equal(p, get_plugin(start).state_dict()[n]) for n, p in plugin.named_parameters())
 
 

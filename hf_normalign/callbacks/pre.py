@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel, TrainerCallback
 
+from ..methods import pre
 from ..patching import get_plugin, set_loss_scaler
 from .adapter_files import save_plugin_with_adapter
 from .stack import calling_trainer
@@ -70,26 +71,27 @@ class NormAlignCallback(TrainerCallback):
                 "PRe with DeepSpeed fp16 is not supported: DeepSpeed scales the loss with its own scaler, which "
                 "the injected PRe gradient cannot follow. Train with bf16=True instead of fp16=True."
             )
-        plugin.pre_loss_term_scale = 1.0 / _trainer_loss_multiplier(args)
+        run = pre.run_state(plugin)
+        if run is not None:
+            run.loss_term_scale = 1.0 / _trainer_loss_multiplier(args)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         # The factors above belong to this Trainer's run: a later forward outside it gets the plain model back.
-        plugin = get_plugin(model) if model is not None else None
-        if plugin is not None:
-            plugin.pre_grad_scale = plugin.pre_loss_term_scale = 1.0
-            plugin.loss_scaler, plugin.loss_scaler_declared = None, False
+        run = pre.run_state(get_plugin(model) if model is not None else None)
+        if run is not None:
+            run.end_training_run()
 
     def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        plugin = get_plugin(model) if model is not None else None
-        if plugin is not None:
-            plugin.pre_grad_scale = 1.0 / args.gradient_accumulation_steps
+        run = pre.run_state(get_plugin(model) if model is not None else None)
+        if run is not None:
+            run.grad_scale = 1.0 / args.gradient_accumulation_steps
             # accelerate's AcceleratedOptimizer carries the GradScaler of fp16 mixed precision (None otherwise).
             set_loss_scaler(model, getattr(optimizer, "scaler", None))
 
     def _collect(self, model) -> None:
-        plugin = get_plugin(model) if model is not None else None
-        if plugin is not None and plugin.last_pre_loss is not None:
-            self._step[0] += float(plugin.last_pre_loss)
+        run = pre.run_state(get_plugin(model) if model is not None else None)
+        if run is not None and run.last_loss is not None:
+            self._step[0] += float(run.last_loss)
             self._step[1] += 1
 
     def on_substep_end(self, args, state, control, model=None, **kwargs):

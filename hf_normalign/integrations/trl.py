@@ -42,6 +42,7 @@ from ..callbacks.adapter_files import save_plugin_with_adapter
 from ..callbacks.pre import NormAlignCallback
 from ..callbacks.stack import calling_trainer
 from ..config import NormAlignConfig
+from ..methods import pre
 from ..modeling import get_base_model
 from ..patching import get_config, get_plugin, patch, unpatch
 from ..peft_utils import mark_plugin_trainable, plugin_lora_exclude_modules
@@ -171,7 +172,7 @@ class NormAlignTRLCallback(NormAlignCallback):
 
 class _AdapterReference:
     """While the adapters of ``peft_model`` are disabled (or the ``"ref"`` adapter is active), forward passes run
-    the plugin with its initial weights, and leave the policy's ``last_pre_loss`` as it was."""
+    the plugin with its initial weights, and leave the policy's latest PRe loss as it was."""
 
     def __init__(self, peft_model: nn.Module, initial: dict[str, torch.Tensor]) -> None:
         from peft.tuners.tuners_utils import BaseTunerLayer
@@ -195,7 +196,8 @@ class _AdapterReference:
         if not self._is_reference():
             return
         plugin = get_plugin(self.base)
-        self.pre_loss = plugin.last_pre_loss
+        run = pre.run_state(plugin)
+        self.pre_loss = None if run is None else run.last_loss
         # Swap the storage, not the values: tensors the policy pass saved for backward keep theirs.
         self.saved = {}
         for name, param in plugin.named_parameters():
@@ -208,5 +210,7 @@ class _AdapterReference:
         plugin = get_plugin(self.base)
         for name, param in plugin.named_parameters():
             param.data = self.saved[name]
-        plugin.last_pre_loss = self.pre_loss
+        run = pre.run_state(plugin)
+        if run is not None:
+            run.last_loss = self.pre_loss
         self.saved = None

@@ -2,10 +2,11 @@
 
 The module ``methods/<name>.py`` of each name in ``hf_normalign.config.METHODS`` defines:
 
-- ``build(plugin, target)``: check the method's config against the model and add the method's modules to
-  ``plugin`` (the model's :class:`~hf_normalign.patching.NormAlignModules`); ``target`` is the model seen
-  through its spec (:class:`~hf_normalign.patching.PatchTarget`). Nothing is attached to the model yet, so an
-  error leaves it untouched.
+- ``build(plugin, target, *, init_weights)``: check the method's config against the model and add the method's
+  modules to ``plugin`` (the model's :class:`~hf_normalign.patching.NormAlignModules`); ``target`` is the model
+  seen through its spec (:class:`~hf_normalign.model_view.ModelView`); ``init_weights=False`` when saved plugin
+  weights are loaded next (skip measuring the model). Nothing is attached to the model yet, so an error leaves
+  it untouched. A method keeps its own run state on the plugin (PRe: ``plugin.pre_run``).
 - optionally ``attach(plugin, target)``: register the method's hooks with ``plugin.add_hook``;
 - optionally ``layer_indices(plugin, target)`` and ``at_layer(plugin, layer_idx, hidden, vision_mask, kwargs)``:
   the decoder layers the method acts at and what it does to their output. ``hf_normalign.hooks`` registers one

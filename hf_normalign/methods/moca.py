@@ -44,7 +44,7 @@ def layer_indices(plugin: nn.Module, target: Any) -> list[int]:
     return list(range(len(target.layers))) if layers is None else list(layers)
 
 
-def build(plugin: nn.Module, target: Any) -> None:
+def build(plugin: nn.Module, target: Any, *, init_weights: bool = True) -> None:
     indices, num_layers = layer_indices(plugin, target), len(target.layers)
     bad = [i for i in indices if not 0 <= i < num_layers]
     if bad:

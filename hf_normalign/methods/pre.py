@@ -74,38 +74,83 @@ class InjectAuxLoss(torch.autograd.Function):
         return grad, coef.to(ctx.loss_dtype), None
 
 
+# --- run state -------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(eq=False)
+class PReRun:
+    """PRe's state on one patched model (``plugin.pre_run``): its layer, the factors a training loop sets and the
+    latest loss. The per-forward state travels in the forward's kwargs (`PRE_STATE`); this is what outlives it."""
+
+    layer: int
+    weight: float
+    # 1 / gradient_accumulation_steps (set by `NormAlignCallback`), so the injected gradient keeps its weight
+    # when the trainer divides the LM loss.
+    grad_scale: float = 1.0
+    # Multiplies only the detached PRe term added to `outputs.loss` (a value for logging; the gradient is
+    # injected): set by `NormAlignCallback` to cancel the HF Trainer's `loss *= num_processes`.
+    loss_term_scale: float = 1.0
+    loss_scaler: Any = None  # fp16 loss scaling: see `hf_normalign.set_loss_scaler`
+    loss_scaler_declared: bool = False
+    last_loss: torch.Tensor | None = None  # the unweighted loss of the latest forward that computed one, detached
+
+    def declare_loss_scaler(self, scaler: Any) -> None:
+        self.loss_scaler, self.loss_scaler_declared = scaler, True
+
+    def end_training_run(self) -> None:
+        """Back to a plain model: the factors belong to one Trainer run."""
+        self.grad_scale = self.loss_term_scale = 1.0
+        self.loss_scaler, self.loss_scaler_declared = None, False
+
+    def coefficient(self, device: torch.device) -> torch.Tensor:
+        """``weight * accumulation factor * loss scale`` for the injected gradient, as a 0-dim tensor."""
+        coef = self.weight * self.grad_scale
+        scaler = self.loss_scaler
+        if scaler is None:
+            return torch.tensor(coef, dtype=torch.float32, device=device)
+        scale = getattr(scaler, "_scale", None)  # GradScaler's live scale tensor (no host sync); None before use
+        if scale is None:
+            return torch.tensor(coef * float(scaler.get_scale()), dtype=torch.float32, device=device)
+        return (scale.to(device=device, dtype=torch.float32) * coef).reshape(())
+
+
+def run_state(plugin: nn.Module | None) -> PReRun | None:
+    """The PRe state of a plugin (a ``NormAlignModules``), or None when it has no PRe."""
+    return getattr(plugin, "pre_run", None)
+
+
 # --- wiring (the protocol of hf_normalign.methods) ---------------------------------------------------------------
 
 
-def layer_indices(plugin: nn.Module, target: Any) -> list[int]:
-    return [plugin.pre_layer]
+def layer_indices(plugin: nn.Module, view: Any) -> list[int]:
+    return [plugin.pre_run.layer]
 
 
-def build(plugin: nn.Module, target: Any) -> None:
-    config, num_layers = plugin.config.pre, len(target.layers)
+def build(plugin: nn.Module, view: Any, *, init_weights: bool = True) -> None:
+    config, num_layers = plugin.config.pre, len(view.layers)
     layer = num_layers // 2 if config.layer is None else config.layer
     if not 0 <= layer < num_layers:
         raise ValueError(
             f"PReConfig.layer={layer} is out of range: the model has {num_layers} decoder layers "
             f"(valid: 0..{num_layers - 1}; default {num_layers // 2})."
         )
-    hidden = target.hidden_size
-    anchor_size = hidden if config.anchor == "llm_input" else _projector_input_size(target.projector)
-    plugin.pre_layer = layer
+    hidden = view.hidden_size
+    anchor_size = hidden if config.anchor == "llm_input" else _projector_input_size(view.projector)
+    plugin.pre_run = PReRun(layer=layer, weight=config.weight)
     plugin.pre_head = PReHead(hidden, config.head_hidden_size or hidden, anchor_size).to(
-        target.device_of(target.layers[layer])
+        view.device_of(view.layers[layer])
     )
-    _prime_output_classes(target.base)
+    _prime_output_classes(view.base)
 
 
-def attach(plugin: nn.Module, target: Any) -> None:
-    plugin.add_hook(target.base, "forward_pre", _root_pre_hook, with_kwargs=True)
-    plugin.add_hook(target.base, "forward", _root_post_hook, with_kwargs=True)
+def attach(plugin: nn.Module, view: Any) -> None:
+    plugin.add_hook(view.base, "forward_pre", _root_pre_hook, with_kwargs=True)
+    plugin.add_hook(view.base, "forward", _root_post_hook, with_kwargs=True)
     # Before the LLM pre-hook, which reads the state (the input module may be the language model itself).
-    plugin.add_hook(target.input_module, "forward_pre", _input_pre_hook, with_kwargs=True)
-    plugin.add_hook(target.language_model, "forward_pre", _language_model_pre_hook, with_kwargs=True)
+    plugin.add_hook(view.input_module, "forward_pre", _input_pre_hook, with_kwargs=True)
+    plugin.add_hook(view.language_model, "forward_pre", _language_model_pre_hook, with_kwargs=True)
     if plugin.config.pre.anchor == "encoder_output":
-        plugin.add_hook(target.projector, "forward_pre", _projector_anchor_hook)
+        plugin.add_hook(view.projector, "forward_pre", _projector_anchor_hook)
 
 
 def at_layer(
@@ -115,10 +160,11 @@ def at_layer(
     if state is None or not state["active"]:
         return hidden
     loss = pre_loss(plugin.pre_head, hidden, kwargs[PRE_ANCHOR], vision_mask)
-    state["loss"] = plugin.last_pre_loss = loss.detach()
+    run = plugin.pre_run
+    state["loss"] = run.last_loss = loss.detach()
     if torch.is_grad_enabled() and loss.requires_grad:
-        _check_loss_scaling(plugin, hidden)
-        hidden = InjectAuxLoss.apply(hidden, loss, plugin.pre_loss_coefficient(hidden.device))
+        _check_loss_scaling(run, hidden)
+        hidden = InjectAuxLoss.apply(hidden, loss, run.coefficient(hidden.device))
     return hidden
 
 
@@ -129,12 +175,12 @@ def _projector_input_size(projector: nn.Module) -> int:
     return first.in_features
 
 
-def _check_loss_scaling(plugin: nn.Module, hidden: torch.Tensor) -> None:
+def _check_loss_scaling(run: PReRun, hidden: torch.Tensor) -> None:
     device = hidden.device.type
     fp16 = hidden.dtype == torch.float16 or (
         torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16
     )
-    if fp16 and not plugin.loss_scaler_declared:
+    if fp16 and not run.loss_scaler_declared:
         raise RuntimeError(
             "PRe is training in fp16, where the loss is usually scaled (GradScaler): the injected PRe gradient "
             "must be scaled the same way or its weight silently becomes weight / scale. Declare the scaler with "
@@ -170,7 +216,8 @@ def _root_post_hook(ref, module, args, kwargs, output):
     if loss is None:
         return None
     # Detached: the PRe gradient is already injected at the PRe layer (see InjectAuxLoss).
-    weighted = plugin.config.pre.weight * plugin.pre_grad_scale * plugin.pre_loss_term_scale * loss
+    run = plugin.pre_run
+    weighted = run.weight * run.grad_scale * run.loss_term_scale * loss
     if isinstance(output, ModelOutput):
         fields = dict(output.items())
         if fields.get("loss") is not None:

@@ -60,13 +60,13 @@ def _projectors(plugin: nn.Module, target: Any) -> list[nn.Module]:
     return [target.projector, *(target.extra_projectors if plugin.config.projector_norm.deepstack else [])]
 
 
-def build(plugin: nn.Module, target: Any) -> None:
+def build(plugin: nn.Module, target: Any, *, init_weights: bool = True) -> None:
     config = plugin.config.projector_norm
     devices = [target.device_of(p) for p in _projectors(plugin, target)]  # first: embedding_scale reads weights
     norm = config.target_norm
     if norm is None:
         # Without init the gain is a placeholder the caller overwrites with saved weights.
-        norm = target.embedding_scale() if target.init_weights else 1.0
+        norm = target.embedding_scale() if init_weights else 1.0
     plugin.projector_norm = nn.ModuleList(
         ProjectorLayerNorm(
             target.hidden_size, target_norm=norm, gwc=config.gwc, gwc_floor=config.gwc_floor, eps=config.eps

@@ -10,7 +10,7 @@ on CPU in milliseconds::
         out = model(**tiny_batch(model, ragged=True, padding_side="left"))
         assert out.loss.isfinite()
 
-Token ids are shared by all families (text vocab = 256; see ``hf_normalign.patches._tiny``)::
+Token ids are shared by all families (text vocab = 256; see ``hf_normalign.specs._tiny``)::
 
     0 pad, 1 bos, 2 eos, 3 unk        4..199 text (trained BPE pieces, then <unused_k> fillers)
     200..235 Idefics3 / SmolVLM <row_i_col_j> tile tags
@@ -20,7 +20,7 @@ Token ids are shared by all families (text vocab = 256; see ``hf_normalign.patch
 ``tiny_config`` and ``tiny_tokenizer`` agree on these ids, so processor output runs through ``tiny_model``.
 Images are one vision tile: 32x32 pixels (56x56 for Qwen2/2.5-VL, 64x64 for Qwen3-VL).
 
-Each family's recipe is data on its spec (``ArchitectureSpec.tiny``, in ``hf_normalign.patches``); this package
+Each family's recipe is data on its spec (``ArchitectureSpec.tiny``, in ``hf_normalign.specs``); this package
 implements the layouts the recipes name (``family``) and builds models (``models``), tokenizers
 (``tokenizer``), processors (``processors``) and batches (``batches``) from them.
 """

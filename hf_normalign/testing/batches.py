@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..patches._tiny import BOS_ID, IMAGE_ID, PAD_ID, TEXT_ID_RANGE
+from ..specs._tiny import BOS_ID, IMAGE_ID, PAD_ID, TEXT_ID_RANGE
 from .family import Family, recipe
 from .models import tiny_config
 

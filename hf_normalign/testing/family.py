@@ -1,4 +1,4 @@
-"""A tiny family: its recipe (`ArchitectureSpec.tiny`, in `hf_normalign.patches`) and the layout rules the
+"""A tiny family: its recipe (`ArchitectureSpec.tiny`, in `hf_normalign.specs`) and the layout rules the
 recipe names: placeholders per image, the token layout of an image block, pixel inputs.
 
 Counting is analytic for tile-sized images; the tests check every family by running a forward.
@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..patches import SPECS
-from ..patches._tiny import IMAGE_ID, IMG_END_ID, IMG_SEP_ID, IMG_START_ID
 from ..spec import TinyRecipe
+from ..specs import SPECS
+from ..specs._tiny import IMAGE_ID, IMG_END_ID, IMG_SEP_ID, IMG_START_ID
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig

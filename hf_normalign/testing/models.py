@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..patches._tiny import BOS_ID, EOS_ID, PAD_ID
+from ..specs._tiny import BOS_ID, EOS_ID, PAD_ID
 from .family import recipe
 
 if TYPE_CHECKING:

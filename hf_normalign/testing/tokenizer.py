@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from ..patches._tiny import BOS_ID, EOS_ID, PAD_ID, TEXT_ID_RANGE, UNK_ID, VOCAB_SIZE
+from ..specs._tiny import BOS_ID, EOS_ID, PAD_ID, TEXT_ID_RANGE, UNK_ID, VOCAB_SIZE
 from .family import recipe
 
 if TYPE_CHECKING:

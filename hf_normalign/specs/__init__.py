@@ -1,4 +1,4 @@
-"""Built-in architecture specs (not patches: the package keeps its historical name), one module per VLM family.
+"""Built-in architecture specs, one module per VLM family.
 
 Each public module holds `SPEC`, the `ArchitectureSpec` of its family; `hf_normalign.registry` registers
 `SPECS` on its first lookup. To add a family, copy the closest module and point the paths at the new model's
