@@ -351,25 +351,25 @@ COMMANDS: dict[str, Command] = {
         "synthetic captioning task, offline on CPU. Writes report.html, results.json, diagnostics/ and "
         "checkpoint/ to --out and prints the results table.",
         _demo_arguments,
-        "hf_normalign.demo:_main",
+        "hf_normalign.commands.demo:run",
     ),
     "patch": Command(
         "patch a model and save the aligned checkpoint",
         "Load MODEL (a directory or Hub repo id), patch it and save an aligned checkpoint to --out.",
         _patch_arguments,
-        "hf_normalign.persistence.command:run",
+        "hf_normalign.commands.patch:run",
     ),
     "push": Command(
         "upload an aligned checkpoint or adapter to the Hub",
         "Upload the aligned checkpoint or adapter in DIR to REPO_ID, in one commit with a model card.",
         _push_arguments,
-        "hf_normalign.hub:run_push",
+        "hf_normalign.commands.push:run",
     ),
     "mir": Command(
         "Modality Integration Rate of a model",
         "MIR of a VLM (local path or Hub id): per-layer FID table, the MIR, optional JSON.",
         _mir_arguments,
-        "hf_normalign.diagnostics.metrics.mir:_main",
+        "hf_normalign.commands.mir:run",
         _check_probe,
     ),
     "report": Command(
@@ -377,7 +377,7 @@ COMMANDS: dict[str, Command] = {
         "Norm / update-rate profiles, MIR, key-space gap and visual degradation of MODEL (and of each --compare "
         "model, overlaid) as report.html + PNG plots + report.json in --out.",
         _report_arguments,
-        "hf_normalign.diagnostics.report:_main",
+        "hf_normalign.commands.report:run",
         _check_probe,
     ),
     "convert": Command(
@@ -386,7 +386,7 @@ COMMANDS: dict[str, Command] = {
         "shikiw/LLaVA-v1.5-MoCa-7B), into a transformers LlavaForConditionalGeneration in OUT, with MoCa as the "
         "hf-normalign plugin, <image>/<pad> added to the tokenizer and a processor that pads images to a square.",
         _convert_arguments,
-        "hf_normalign.convert.command:run",
+        "hf_normalign.commands.convert:run",
     ),
     "serve": Command(
         "serve an aligned checkpoint with vLLM (OpenAI-compatible server)",

@@ -143,9 +143,9 @@ def _fake_command(monkeypatch, run: str) -> None:
 MISSING_MODULES = {
     # the module the command imports, the modules made absent (None in sys.modules), the message
     "hf-normalign itself": (
-        "hf_normalign.demo:_main",
-        ["hf_normalign.demo"],
-        "hf-normalign is installed incompletely: module 'hf_normalign.demo' missing; reinstall: "
+        "hf_normalign.commands.demo:run",
+        ["hf_normalign.commands.demo"],
+        "hf-normalign is installed incompletely: module 'hf_normalign.commands.demo' missing; reinstall: "
         "pip install --force-reinstall hf-normalign",
     ),
     "an optional extra": (

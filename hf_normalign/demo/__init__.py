@@ -23,19 +23,6 @@ Python::
 
 from __future__ import annotations
 
-import argparse
-import time
-
-from ..console import emit
 from .experiment import VARIANTS, DemoConfig, DemoResult, run_demo
 
 __all__ = ["VARIANTS", "DemoConfig", "DemoResult", "run_demo"]
-
-
-def _main(args: argparse.Namespace) -> int:
-    overrides = {"seed": args.seed} | {k: v for k, v in (("steps", args.steps), ("seeds", args.seeds)) if v is not None}
-    config = DemoConfig.quick(**overrides) if args.quick else DemoConfig.full(**overrides)
-    start = time.perf_counter()
-    result = run_demo(config, args.out, num_threads=args.threads, progress=not args.no_progress, log=emit)
-    emit(f"\nwall time {time.perf_counter() - start:.0f} s")
-    return 0 if result.checkpoint_equal else 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from .llava_original import convert
+from ..convert.llava_original import convert
 
 
 def run(args: argparse.Namespace) -> int:
