@@ -1,16 +1,20 @@
-"""Issue 17: the package's import graph, read from the source (ast), not from a running interpreter.
+"""Issues 17 and 24: the package's import graph, read from the source (ast), not from a running interpreter.
 
-No import cycle between modules, and no private name (``_x``) imported from another module.
+No import cycle between modules or between subpackages (an arrow back up), string imports included (a module
+named in a string constant, ``importlib.import_module``, the CLI's ``module:function`` table, pyproject's entry
+points); no private name (``_x``) imported from another module; no module over 500 lines.
 """
 
 from __future__ import annotations
 
 import ast
+import tomllib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 # Package name -> source folder: the source tree is the import tree (pyproject's package discovery).
 PACKAGE = {"hf_normalign": REPO / "hf_normalign"}
+MAX_LINES = 500
 
 
 def _modules(roots: dict[str, Path]) -> dict[str, Path]:
@@ -22,8 +26,17 @@ def _modules(roots: dict[str, Path]) -> dict[str, Path]:
     return modules
 
 
+def _is_import_module(node: ast.Call) -> bool:
+    func = node.func
+    return (isinstance(func, ast.Attribute) and func.attr == "import_module") or (
+        isinstance(func, ast.Name) and func.id == "import_module"
+    )
+
+
 def _imports(name: str, path: Path, modules: dict[str, Path]) -> list[tuple[str, str, int]]:
-    """(target module, imported name or "", line) for every import of the package, at any depth (lazy ones too)."""
+    """(target module, imported name or "", line) for every import of the package, at any depth (lazy ones too),
+    and for every module named by a string: a constant that is a module's dotted name (or ``module:attribute``), and
+    an ``import_module`` of a computed name inside a package (it may load any submodule of that package)."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = []
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
@@ -39,6 +52,15 @@ def _imports(name: str, path: Path, modules: dict[str, Path]) -> list[tuple[str,
                 submodule = f"{target}.{alias.name}"
                 is_module = submodule in modules
                 found.append((submodule, "", node.lineno) if is_module else (target, alias.name, node.lineno))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            target = node.value.partition(":")[0]
+            if target in modules and target != name and "." in target:
+                found.append((target, "", node.lineno))
+        elif isinstance(node, ast.Call) and _is_import_module(node) and node.args[:1]:
+            computed = isinstance(node.args[0], ast.JoinedStr)  # it may load any submodule of this package
+            found += [
+                (m, "", node.lineno) for m in modules if computed and m.rpartition(".")[0] == package and m != name
+            ]
     return [entry for entry in found if entry[0].split(".")[0] in {m.split(".")[0] for m in modules}]
 
 
@@ -74,6 +96,39 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
         if node not in state and (found := visit(node, [node])):
             return found
     return None
+
+
+def _layers(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """The graph between the package's top-level parts (a subpackage with its modules, or a top-level module):
+    a cycle here is an arrow back up, even where no single module cycle exists."""
+
+    def part(module: str) -> str:
+        return ".".join(module.split(".")[:2])
+
+    layers: dict[str, set[str]] = {}
+    for name, targets in graph.items():
+        layers.setdefault(part(name), set()).update(part(t) for t in targets if part(t) != part(name))
+    return layers
+
+
+def _entry_points() -> dict[str, str]:
+    """name -> ``module:attribute`` of every console script and entry point in pyproject.toml."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    points = dict(project.get("scripts", {}))
+    for group in project.get("entry-points", {}).values():
+        points.update(group)
+    return points
+
+
+def _defines(path: Path, attribute: str) -> bool:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name == attribute:
+            return True
+        targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+        if any(isinstance(t, ast.Name) and t.id == attribute for t in targets):
+            return True
+    return False
 
 
 def _private_imports(roots: dict[str, Path]) -> set[tuple[str, str, str]]:
@@ -124,6 +179,31 @@ def _write(root: Path, files: dict[str, str]) -> dict[str, Path]:
 
 def test_the_package_has_no_import_cycle():
     assert _cycle(_graph(PACKAGE)) is None
+
+
+def test_no_arrow_runs_back_up_between_subpackages():
+    assert _cycle(_layers(_graph(PACKAGE))) is None
+
+
+def test_every_module_stays_under_the_line_limit():
+    long = {
+        name: n for name, path in _modules(PACKAGE).items() if (n := len(path.read_text().splitlines())) > MAX_LINES
+    }
+    assert not long, f"modules over {MAX_LINES} lines (split them by job): {long}"
+
+
+def test_every_entry_point_and_cli_command_names_a_function_that_exists():
+    modules = _modules({**PACKAGE, "normalign_vllm": REPO / "normalign_vllm"})
+    from hf_normalign.cli import COMMANDS
+
+    targets = {**_entry_points(), **{f"normalign {name}": command.run for name, command in COMMANDS.items()}}
+    missing = {
+        name: target
+        for name, target in targets.items()
+        if (module := target.partition(":")[0]) not in modules
+        or not _defines(modules[module], target.partition(":")[2])
+    }
+    assert not missing
 
 
 def test_every_import_of_the_package_names_one_of_its_modules():
@@ -194,3 +274,32 @@ def test_the_walk_finds_private_imports(tmp_path):
     files = {"pkg/__init__.py": "", "pkg/a.py": "_x = 1\ny = 2\n", "pkg/b.py": "from .a import _x, y\n"}
     root = _write(tmp_path, files)
     assert _private_imports(root) == {("pkg.b", "pkg.a", "_x")}
+
+
+def test_the_walk_follows_string_imports(tmp_path):
+    # a names b by string (a command table), b imports a lazily: a cycle; c loads its submodules by computed name.
+    files = {
+        "pkg/__init__.py": "",
+        "pkg/a.py": 'RUN = "pkg.b:main"\n',
+        "pkg/b.py": "def main():\n    from . import a\n",
+        "pkg/c/__init__.py": 'import importlib\ndef load(n):\n    return importlib.import_module(f"{__name__}.{n}")\n',
+        "pkg/c/d.py": "from .. import b\n",
+    }
+    graph = _graph(_write(tmp_path, files))
+    assert _cycle(graph) == ["pkg.a", "pkg.b", "pkg.a"]
+    assert graph["pkg.c"] == {"pkg.c.d"}
+
+
+def test_the_layer_walk_finds_an_arrow_back_up(tmp_path):
+    # No module cycle (x.low -> y.mid -> x.top), but the parts x and y point at each other.
+    files = {
+        "pkg/__init__.py": "",
+        "pkg/x/__init__.py": "",
+        "pkg/x/low.py": "",
+        "pkg/x/top.py": "from ..y import mid\n",
+        "pkg/y/__init__.py": "",
+        "pkg/y/mid.py": "from ..x import low\n",
+    }
+    graph = _graph(_write(tmp_path, files))
+    assert _cycle(graph) is None
+    assert _cycle(_layers(graph)) == ["pkg.x", "pkg.y", "pkg.x"]

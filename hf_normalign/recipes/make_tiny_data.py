@@ -19,7 +19,7 @@ import os
 import random
 from typing import Any
 
-from hf_normalign.cli import positive_int
+from hf_normalign.cli_types import positive_int
 
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
 SHAPES = ("square", "circle", "triangle")
