@@ -21,6 +21,7 @@ from transformers import TrainingArguments
 from transformers.utils import logging
 
 import hf_normalign as normalign
+from hf_normalign import build
 from hf_normalign.callbacks.adapter_files import save_plugin_with_adapter
 from hf_normalign.model_view import ModelView
 from hf_normalign.patching import get_plugin
@@ -41,10 +42,8 @@ def build_base(config: RecipeConfig) -> None:
     is the run's ``model_name_or_path``; nothing for a config without one. Raises :class:`ConfigError`."""
     if config.build is None:
         return
-    from hf_normalign.build import materialize
-
     try:
-        materialize(config.build)
+        build.materialize(config.build)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"build: {err}") from err
 
