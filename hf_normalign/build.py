@@ -15,7 +15,8 @@ Example (the LLaVA-1.5 parts)::
     model = normalign.patch(model, methods=["projector_norm", "moca", "pre"])   # then stage 1
     model.save_pretrained("out/base"); processor.save_pretrained("out/base")
 
-Recipes resolve their ``build:`` section with :func:`build_from_config`.
+Recipes check their ``build:`` section with :func:`check_section` while parsing and build it with
+:func:`materialize` when training is set up.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from transformers.image_utils import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_S
 from .registry import get_spec, supported_architectures
 from .spec import BuildRecipe, ProcessorParts
 
-__all__ = ["CHAT_TEMPLATES", "FAMILIES", "PROJECTORS", "build_from_config", "build_vlm", "materialize"]
+__all__ = ["CHAT_TEMPLATES", "FAMILIES", "PROJECTORS", "build_from_config", "build_vlm", "check_section", "materialize"]
 
 # The families whose spec says how to assemble them (`ArchitectureSpec.build`).
 FAMILIES: tuple[str, ...] = tuple(name for name in supported_architectures() if get_spec(name).build is not None)
@@ -313,6 +314,12 @@ def build_from_config(section: Mapping[str, Any]) -> tuple[PreTrainedModel, Proc
         >>> build_from_config({"vision_model": "openai/clip-vit-large-patch14-336",
         ...                    "language_model": "lmsys/vicuna-7b-v1.5", "dtype": "bfloat16"})  # doctest: +SKIP
     """
+    options = _build_options(section)
+    return build_vlm(options.pop("vision_model"), options.pop("language_model"), **options)
+
+
+def _build_options(section: Mapping[str, Any]) -> dict[str, Any]:
+    """The :func:`build_vlm` arguments of a ``build:`` section, checked (ValueError) and with ``dtype`` resolved."""
     if not isinstance(section, Mapping):
         raise ValueError(f"build: must be a mapping of build_vlm arguments, got {type(section).__name__}")
     options = dict(section)
@@ -329,7 +336,32 @@ def build_from_config(section: Mapping[str, Any]) -> tuple[PreTrainedModel, Proc
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise ValueError(f"build: dtype {dtype!r} is not a torch dtype (e.g. bfloat16, float32)")
         options["dtype"] = getattr(torch, dtype)
-    return build_vlm(options.pop("vision_model"), options.pop("language_model"), **options)
+    return options
+
+
+def check_section(section: Mapping[str, Any]) -> str:
+    """Validate a recipe's ``build:`` section (see :func:`materialize`) without building or writing anything, and
+    return its ``save_dir``. Raises ValueError, as :func:`materialize` would: recipes call it while parsing their
+    arguments, so that a bad section fails before anything is written.
+
+    Example:
+        >>> check_section({"vision_model": "v", "language_model": "l", "save_dir": "out/base"})
+        'out/base'
+    """
+    if not isinstance(section, Mapping):
+        raise ValueError(f"build: must be a mapping of build_vlm arguments, got {type(section).__name__}")
+    options = dict(section)
+    save_dir = options.pop("save_dir", None)
+    if not save_dir:
+        raise ValueError("build: needs save_dir (where the built base model and processor are written and reused)")
+    if not _is_built(save_dir) and os.path.exists(save_dir) and (not os.path.isdir(save_dir) or os.listdir(save_dir)):
+        raise ValueError(f"build: save_dir {save_dir} exists and holds no built model: remove it or choose another")
+    _build_options(options)
+    return save_dir
+
+
+def _is_built(save_dir: str) -> bool:
+    return os.path.isfile(os.path.join(save_dir, "config.json"))
 
 
 def materialize(section: Mapping[str, Any]) -> str:
@@ -346,21 +378,14 @@ def materialize(section: Mapping[str, Any]) -> str:
           dtype: bfloat16
           save_dir: out/llava15-base
     """
-    if not isinstance(section, Mapping):
-        raise ValueError(f"build: must be a mapping of build_vlm arguments, got {type(section).__name__}")
-    options = dict(section)
-    save_dir = options.pop("save_dir", None)
-    if not save_dir:
-        raise ValueError("build: needs save_dir (where the built base model and processor are written and reused)")
-    if os.path.isfile(os.path.join(save_dir, "config.json")):
+    save_dir = check_section(section)
+    if _is_built(save_dir):
         return save_dir
-    if os.path.exists(save_dir) and (not os.path.isdir(save_dir) or os.listdir(save_dir)):
-        raise ValueError(f"build: save_dir {save_dir} exists and holds no built model: remove it or choose another")
     # Written next to save_dir, then renamed into place: a build killed part-way never leaves a save_dir that a
     # later run would take for a complete one. The next build removes what a killed one left.
     partial = f"{os.path.normpath(save_dir)}.partial"
     shutil.rmtree(partial, ignore_errors=True)
-    model, processor = build_from_config(options)
+    model, processor = build_from_config({key: value for key, value in section.items() if key != "save_dir"})
     model.save_pretrained(partial)
     processor.save_pretrained(partial)
     os.replace(partial, save_dir)

@@ -1,5 +1,7 @@
 """The from-scratch protocol offline: a `build:` recipe (tiny CLIP + tiny Llama) -> stage 1 -> stage 2."""
 
+import json
+
 import pytest
 import torch
 import transformers as tf
@@ -31,12 +33,12 @@ def parts(tmp_path_factory):
     return root, lm
 
 
-def write_config(path, root, **extra):
+def write_config(path, root, save_dir=None, **extra):
     config = {
         "build": {
             "vision_model": str(root / "vision"),
             "language_model": str(root / "lm"),
-            "save_dir": str(root / "base"),
+            "save_dir": str(save_dir or root / "base"),
         },
         "methods": "projector_norm,moca,pre",
         "data_path": str(root / "tiny" / "data.json"),
@@ -86,6 +88,56 @@ def test_build_section_errors_are_config_errors(parts, tmp_path):
     cfg.write_text(yaml.safe_dump({"build": {"vision_model": str(root / "vision"), "language_model": "x"}}))
     with pytest.raises(train.ConfigError, match="save_dir"):
         train.parse_args(["--config", str(cfg), "--output_dir", str(tmp_path / "o")], stage=1)
+
+
+def _bad_rows(root, tmp_path):
+    """The tiny data with a missing image in row 3: a data error, found when the Trainer is set up."""
+    records = json.loads((root / "tiny" / "data.json").read_text())
+    records[3]["image"] = "images/missing.png"
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(records))
+    return {"data_path": str(path), "image_folder": str(root / "tiny")}
+
+
+@pytest.mark.parametrize("error", ["mir_samples", "missing_data", "bad_row"])
+def test_later_config_error_builds_and_writes_nothing(parts, tmp_path, capsys, error):
+    """Parsing only checks the build: section; a config error after it (or a bad data row, found when the Trainer
+    is set up, before the build) leaves no built model behind, and no output directory."""
+    root, _ = parts
+    extra = {
+        "mir_samples": {"mir_every": 1, "mir_samples": 1},
+        "missing_data": {"data_path": str(tmp_path / "nope.json")},
+        "bad_row": _bad_rows(root, tmp_path),
+    }[error]
+    cfg = write_config(tmp_path / "cfg.yaml", root, save_dir=tmp_path / "base", **extra)
+    assert train.main(["--config", cfg, "--output_dir", str(tmp_path / "out")], stage=1) == 2
+    assert "error:" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "base").exists()
+    assert not (tmp_path / "base.partial").exists()
+
+
+def test_build_runs_when_the_trainer_is_set_up(parts, tmp_path):
+    root, lm = parts
+    cfg = write_config(tmp_path / "cfg.yaml", root, save_dir=tmp_path / "base")
+    config = train.parse_args(["--config", cfg, "--output_dir", str(tmp_path / "out")], stage=1)
+    assert config.model.model_name_or_path == str(tmp_path / "base") and not (tmp_path / "base").exists()
+
+    trainer = train.build_trainer(config)
+    built = tf.LlavaForConditionalGeneration.from_pretrained(tmp_path / "base")
+    assert all(torch.equal(built.model.language_model.state_dict()[k], v) for k, v in lm.model.state_dict().items())
+    # The Trainer trains that model, patched.
+    assert normalign.is_patched(trainer.model)
+    expected = built.state_dict()
+    got = {k: v for k, v in trainer.model.state_dict().items() if not k.startswith("normalign.")}
+    assert got.keys() == expected.keys() and all(torch.equal(v, expected[k]) for k, v in got.items())
+
+    # A model named on the command line replaces the build section: nothing is built then.
+    other = write_config(tmp_path / "other.yaml", root, save_dir=tmp_path / "other")
+    named = ["--model_name_or_path", str(tmp_path / "base"), "--output_dir", str(tmp_path / "out2")]
+    config = train.parse_args(["--config", other, *named], stage=1)
+    assert config.build is None
+    train.build_trainer(config)
+    assert not (tmp_path / "other").exists()
 
 
 def test_materialize_writes_save_dir_whole_or_not_at_all(parts, tmp_path, monkeypatch):

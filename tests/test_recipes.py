@@ -15,6 +15,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCall
 
 import hf_normalign as normalign
 from hf_normalign.patching import get_plugin
+from hf_normalign.recipes import config as recipe_config
 from hf_normalign.recipes import train
 from hf_normalign.recipes.make_tiny_data import make_tiny_data
 from hf_normalign.registry import get_spec
@@ -178,6 +179,38 @@ def test_stage2_runs_and_loads(workspace, stage1, tmp_path, mode):
         assert all(not torch.equal(after[k], before[k]) for k in llm)  # trained, or LoRA merged into it
     initial = load_file(stage1_dir / "normalign.safetensors")
     assert any(not torch.equal(v, get_plugin(model).state_dict()[k]) for k, v in initial.items())
+
+
+@pytest.mark.slow
+def test_lora_checkpoint_holds_the_adapter_plugin_and_projector(workspace, tmp_path, monkeypatch):
+    """A LoRA run's checkpoint-N: PEFT's adapter beside hf-normalign's adapter files (plugin, projector), on the
+    base named by its absolute path (a relative one only resolves from where the run started)."""
+    monkeypatch.chdir(workspace)
+    options = {"model_name_or_path": "tiny/model", "lora": "true", "max_steps": 2, "save_steps": 2}
+    trainer = train.run(train.parse_args(argv(workspace, tmp_path / "out", **options), stage=2))
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    names = set(os.listdir(checkpoint))
+    assert {n for n in names if n.startswith("normalign")} == {
+        "normalign_config.json",
+        "normalign.safetensors",
+        "normalign_modules.safetensors",
+    }
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= names and "model.safetensors" not in names
+    with open(checkpoint / "normalign_config.json") as f:
+        saved = json.load(f)
+    assert saved["adapter_only"] and saved["base_model_name_or_path"] == str(workspace / "tiny" / "model")
+    # The weights at step 2 are the run's last: the trained plugin and projector, read off the model itself.
+    base = trainer.model.get_base_model()
+    expected = {
+        "normalign.safetensors": base.normalign.state_dict(),
+        "normalign_modules.safetensors": {
+            f"model.multi_modal_projector.{k}": v for k, v in base.model.multi_modal_projector.state_dict().items()
+        },
+    }
+    for name, tensors in expected.items():
+        got = load_file(checkpoint / name)
+        assert got.keys() == tensors.keys(), name
+        assert all(torch.equal(got[k], v) for k, v in tensors.items()), name
 
 
 @pytest.mark.slow
@@ -370,7 +403,7 @@ def test_packaged_yaml_configs_are_valid():
     for name in names:
         stage = 1 if name.endswith(("stage1.yaml", "pretrain.yaml")) else 2
         path = os.path.join(train.CONFIG_DIR, name)
-        values, hub = train._yaml_defaults(path, train._parser(stage))
+        values, hub = recipe_config._yaml_defaults(path, recipe_config._parser(stage))
         with open(path) as f:  # paper-protocol configs build the base model instead of naming one
             values.update({"model_name_or_path": True} if "build" in yaml.safe_load(f) else {})
         assert {"model_name_or_path", "data_path", "output_dir"} <= values.keys() and hub is None, name

@@ -7,5 +7,7 @@
 
 Each runs as ``python -m hf_normalign.recipes.stage1 --config CONFIG.yaml [--key value ...]`` (or the
 ``normalign-stage1`` / ``normalign-stage2`` console scripts), single-process or under ``accelerate launch``.
-See docs/recipes.md.
+The machinery, one job a module: ``arguments`` (options, light ``--help``), ``config`` (``parse_args``: a
+validated ``RecipeConfig``), ``dataset``, ``model_setup`` (build, load, patch, freeze per stage, LoRA),
+``callbacks``, ``train`` (``build_trainer``, ``run``, ``main``). See docs/recipes.md.
 """

@@ -30,7 +30,7 @@ STAGE_DEFAULTS: dict[int, dict[str, Any]] = {
 }
 # Our dataset is a torch Dataset of raw conversations: the Trainer must not drop its "unused" columns.
 COMMON_DEFAULTS: dict[str, Any] = {"remove_unused_columns": False}
-DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")  # train.DTYPES maps them to torch dtypes
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")  # model_setup.DTYPES maps them to torch dtypes
 
 
 @dataclass
