@@ -24,7 +24,8 @@ from torch import nn
 from transformers.utils import logging
 
 from .config import METHOD_CONFIGS, METHODS
-from .persistence.format import CONFIG_NAME, WEIGHTS_NAME, CheckpointInfo, NormAlignCheckpointError
+from .persistence.format import CONFIG_NAME, WEIGHTS_NAME, NormAlignCheckpointError
+from .persistence.info import CheckpointInfo
 from .persistence.save import save_pretrained
 
 logger = logging.get_logger(__name__)
