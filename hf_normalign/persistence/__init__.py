@@ -29,8 +29,9 @@ Example:
 Nothing here writes or reads pickle: weights go through ``safetensors.torch`` only.
 
 One job per module: ``format`` (file names, version, fields, checksums, errors; standard library only, shared
-with the vLLM plugin), ``info`` (``CheckpointInfo``), ``staging``
-(crash-safe directory writes), ``save``, ``checks`` and ``load``, ``switch`` (the ``autoload`` switch).
+with the vLLM plugin), ``info`` (``CheckpointInfo``), ``staging`` (crash-safe directory writes), ``save``,
+``checks`` and ``load``, ``switch`` (the ``autoload`` switch). The hooks into transformers that call these are in
+:mod:`hf_normalign.integrations.transformers`.
 """
 
 from __future__ import annotations
