@@ -8,7 +8,9 @@ Global (on classes, installed by :func:`install` as soon as transformers is impo
   model without them is refused before anything loads). No hook on the model or a callback runs at that point;
 - ``PreTrainedModel.save_pretrained``, as a guard only: an unpatched model saved over an aligned checkpoint takes
   the folder's writer lock and removes the plugin files there, which belong to the earlier weights. A model that
-  was never patched has nothing of ours on it, so only the class sees that save.
+  was never patched has nothing of ours on it, so only the class sees that save. (Telling such files apart on
+  load instead would need the SHA-256 of the base weights in ``normalign_config.json``: a format change, and
+  gigabytes hashed at every save and load.)
 
 Per instance (bound by ``hf_normalign.patch``, removed by ``unpatch``, via :mod:`hf_normalign.instance_methods`):
 :func:`save_pretrained` and :func:`push_to_hub`, which a patched model carries as its own. A patched save runs
