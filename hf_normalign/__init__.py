@@ -61,14 +61,15 @@ def __getattr__(name: str) -> Any:
 
 
 def _install_on_transformers_import(_transformers: Any) -> None:
-    from ._install import install  # imports no other hf_normalign module: safe mid-import
+    from .integrations.transformers import install  # imports no other hf_normalign module at once: safe mid-import
 
     install()
 
 
-# Load-time patching: transformers' own from_pretrained returns the patched model for a directory or
-# repo that holds normalign_config.json (switch off with autoload(False) or HF_NORMALIGN_AUTOLOAD=0). Installed
-# as soon as transformers is imported (now, if it already is).
+# The transformers integration: transformers' own from_pretrained returns the patched model for a directory or
+# repo that holds normalign_config.json (switch off with autoload(False) or HF_NORMALIGN_AUTOLOAD=0), and patched
+# models get their own save_pretrained / push_to_hub. Installed as soon as transformers is imported (now, if it
+# already is).
 wrapt.register_post_import_hook(_install_on_transformers_import, "transformers")
 
 __all__ = [

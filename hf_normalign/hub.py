@@ -5,12 +5,11 @@ Example:
     >>> normalign.push_to_hub(model, "me/llava-1.5-7b-normalign", private=True)        # doctest: +SKIP
     >>> normalign.push_to_hub("out/aligned", "me/llava-normalign-adapter", adapter_only=True)  # doctest: +SKIP
 
-Command line: ``normalign push DIR REPO_ID [--adapter-only] [--private]``.
+Command line: ``normalign push DIR REPO_ID [--adapter-only] [--private]`` (:mod:`hf_normalign.commands.push`).
 """
 
 from __future__ import annotations
 
-import argparse
 import html
 import json
 import os
@@ -25,8 +24,8 @@ from torch import nn
 from transformers.utils import logging
 
 from .config import METHOD_CONFIGS, METHODS
-from .console import emit
-from .persistence.format import CONFIG_NAME, WEIGHTS_NAME, CheckpointInfo, NormAlignCheckpointError
+from .persistence.format import CONFIG_NAME, WEIGHTS_NAME, NormAlignCheckpointError
+from .persistence.info import CheckpointInfo
 from .persistence.save import save_pretrained
 
 logger = logging.get_logger(__name__)
@@ -302,23 +301,3 @@ def push_to_hub(
             revision=revision,
             create_pr=create_pr,
         )
-
-
-# --- command line: `normalign push` --------------------------------------------------------------------------
-
-
-def run_push(args: argparse.Namespace) -> int:
-    """``normalign push`` (options in hf_normalign.cli)."""
-    commit = push_to_hub(
-        args.directory,
-        args.repo_id,
-        adapter_only=True if args.adapter_only else None,
-        private=True if args.private else None,
-        token=args.token,
-        revision=args.revision,
-        create_pr=args.create_pr,
-        commit_message=args.commit_message,
-        mir=args.mir,
-    )
-    emit(commit.pr_url or commit.commit_url)
-    return 0

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import instance_methods
 from . import methods as method_modules
 from .config import METHODS, NormAlignConfig
 from .hooks import register_hooks
@@ -364,6 +365,7 @@ def patch(
     plugin.train(view.base.training)
     view.base.add_module(ATTRIBUTE, plugin)
     register_hooks(plugin, view, methods)
+    instance_methods.bind(view.base)  # its own save_pretrained / push_to_hub write the plugin files too
     return model
 
 
@@ -381,4 +383,5 @@ def unpatch(model: nn.Module) -> nn.Module:
     plugin._begin_unpatch()
     plugin.remove_hooks(base)
     delattr(base, ATTRIBUTE)
+    instance_methods.unbind(base)
     return model

@@ -1,11 +1,11 @@
 """Read an aligned checkpoint for serving: ``normalign_config.json`` and the verified ``normalign.safetensors``.
 
-The file names and keys are those ``hf_normalign.persistence`` writes (it cannot be imported here: see core.py).
+The file names, the field checks and the checksum are ``hf_normalign/persistence/format.py`` itself, loaded by path
+(``hf_normalign.persistence`` cannot be imported here: see core.py).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 
 from . import core
 
-CONFIG_NAME = core.get("schema", "CONFIG_NAME")
-WEIGHTS_NAME = core.get("schema", "WEIGHTS_NAME")
+CONFIG_NAME = core.get("format", "CONFIG_NAME")
+WEIGHTS_NAME = core.get("format", "WEIGHTS_NAME")
 TRAINING_ONLY_PREFIX = "pre_head."
 
 
@@ -71,8 +71,8 @@ def parse(path: str) -> ServingCheckpoint:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise NormAlignServingError(f"{path} is not valid UTF-8 JSON: {err}") from err
     try:  # the same strict reading as hf-normalign's loader: types as written, SHA-256 required from format 2
-        core.get("schema", "validate")(data, path, "hf-normalign's vLLM plugin")
-    except core.get("schema", "SchemaError") as err:
+        core.get("format", "validate")(data, path, "hf-normalign's vLLM plugin")
+    except core.get("format", "SchemaError") as err:
         raise NormAlignServingError(str(err)) from None
     if data.get("adapter_only", False):
         raise NormAlignServingError(
@@ -92,7 +92,7 @@ def read_weights(checkpoint: ServingCheckpoint, expected: dict[str, torch.Tensor
     path = checkpoint.weights_path
     if not os.path.isfile(path):
         raise NormAlignServingError(f"{path} is missing: the checkpoint is incomplete; re-save the model.")
-    if checkpoint.sha256 is not None and _sha256(path) != checkpoint.sha256:
+    if checkpoint.sha256 is not None and core.get("format", "file_sha256")(path) != checkpoint.sha256:
         raise NormAlignServingError(
             f"{path} does not match the SHA-256 recorded in {CONFIG_NAME} (damaged, truncated, or from another "
             "save): re-save or re-download the model."
@@ -123,11 +123,3 @@ def weight_names(checkpoint: ServingCheckpoint) -> frozenset[str]:
         return frozenset()
     with safe_open(checkpoint.weights_path, "pt") as f:
         return frozenset(f.keys())
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

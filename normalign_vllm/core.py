@@ -1,4 +1,5 @@
-"""hf_normalign's dependency-free modules (config, method layers), loaded without the package's ``__init__``.
+"""hf_normalign's dependency-free modules (config, checkpoint format, method layers), loaded without the package's
+``__init__``.
 
 ``import hf_normalign.config`` would first run ``hf_normalign/__init__.py``, which imports peft, bitsandbytes and
 transformers' Trainer and patches ``from_pretrained``: too heavy for each of vLLM's processes. The few files the
@@ -24,7 +25,7 @@ from typing import Any
 # name -> (path inside the hf_normalign package, the attributes the plugin uses from it)
 SOURCES: dict[str, tuple[str, tuple[str, ...]]] = {
     "config": ("config.py", ("NormAlignConfig",)),
-    "schema": ("persistence/schema.py", ("validate", "SchemaError", "CONFIG_NAME", "WEIGHTS_NAME")),
+    "format": ("persistence/format.py", ("validate", "SchemaError", "CONFIG_NAME", "WEIGHTS_NAME", "file_sha256")),
     "moca": ("methods/moca.py", ("MoCaLayer", "moca_key")),
     "projector_norm": ("methods/projector_norm.py", ("ProjectorLayerNorm",)),
 }

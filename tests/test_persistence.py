@@ -542,16 +542,19 @@ def test_quantised_load_keeps_plugin_fp32(saved, bits, tmp_path):
 
 
 def test_import_installs_the_wrappers_once():
+    from hf_normalign.integrations import transformers as integration
+
     for owner, name in [
-        (PreTrainedModel, "save_pretrained"),
+        (PreTrainedModel, "save_pretrained"),  # the guard for unpatched models only
         (PreTrainedModel, "from_pretrained"),
-        (PreTrainedModel, "push_to_hub"),
         (AutoModelForImageTextToText, "from_pretrained"),
     ]:
         wrapper = inspect.getattr_static(owner, name)
         assert isinstance(wrapper, wrapt.FunctionWrapper) and wrapper._self_wrapper._hf_normalign, (owner, name)
-        persistence.install()
+        integration.install()
         assert inspect.getattr_static(owner, name) is wrapper  # idempotent
+    # A patched model pushes through its own method (tests/test_instance_methods.py): the class is not wrapped.
+    assert not isinstance(inspect.getattr_static(PreTrainedModel, "push_to_hub"), wrapt.FunctionWrapper)
 
 
 def test_cli_patch(tmp_path, capsys):

@@ -75,6 +75,19 @@ def test_every_source_loads():
             assert core.get(name, attribute) is not None
 
 
+def test_the_checkpoint_format_is_hf_normalign_s_own_file(aligned):
+    # Issue 24: the serving reader loads persistence/format.py itself (names, checks, checksum), no copies.
+    from hf_normalign.persistence import format as persistence_format
+
+    assert core.load("format").__file__ == persistence_format.__file__
+    assert (ckpt.CONFIG_NAME, ckpt.WEIGHTS_NAME) == (persistence_format.CONFIG_NAME, persistence_format.WEIGHTS_NAME)
+    folder, _ = aligned
+    weights = os.path.join(folder, ckpt.WEIGHTS_NAME)
+    with open(weights, "rb") as f:
+        expected = hashlib.sha256(f.read()).hexdigest()
+    assert core.get("format", "file_sha256")(weights) == expected == ckpt.find(str(folder)).sha256
+
+
 def test_a_moved_source_is_named_in_the_error(monkeypatch):
     monkeypatch.setitem(core.SOURCES, "moved", ("methods/gone.py", ("MoCaLayer",)))
     with pytest.raises(core.SourceMovedError, match=r"methods/gone\.py, which does not exist: update SOURCES"):

@@ -10,8 +10,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import Trainer, TrainingArguments
 
 import hf_normalign as normalign
+from hf_normalign.integrations.transformers import RESUME_WITHOUT_PLUGIN_ENV
 from hf_normalign.patching import get_plugin
-from hf_normalign.persistence.integration import RESUME_WITHOUT_PLUGIN_ENV
 from hf_normalign.testing import tiny_batch, tiny_model
 
 METHODS = ["projector_norm", "moca"]

@@ -10,9 +10,10 @@ The adapter-only form drops the base files: ``normalign_config.json`` names the 
 (``base_model_name_or_path``), and ``normalign_modules.safetensors`` optionally carries modules trained
 alongside the plugin (the projector after stage-1 alignment) under the base model's parameter names.
 
-After ``import hf_normalign``:
+After ``import hf_normalign`` (the hooks are in :mod:`hf_normalign.integrations.transformers`):
 
-- ``model.save_pretrained(path)`` on a patched model writes the layout above, atomically;
+- ``model.save_pretrained(path)`` on a patched model (its own method, bound by ``patch``) writes the layout above,
+  atomically;
 - ``normalign.from_pretrained(path_or_repo_id)``, ``AutoNormAlignModelForImageTextToText.from_pretrained``
   and transformers' own ``AutoModelForImageTextToText`` / ``LlavaForConditionalGeneration`` (...)
   ``from_pretrained`` return the patched model when the checkpoint holds ``normalign_config.json``.
@@ -27,26 +28,35 @@ Example:
 
 Nothing here writes or reads pickle: weights go through ``safetensors.torch`` only.
 
-One job per module: ``format`` (file names, ``CheckpointInfo``, version, checksums, errors), ``staging``
-(crash-safe directory writes), ``save``, ``checks`` and ``load``, ``switch`` (the ``autoload`` switch),
-``integration`` (the transformers wrappers, imported when one first runs) and ``command`` (``normalign patch``).
+One job per module: ``format`` (file names, version, fields, checksums, errors; standard library only, shared
+with the vLLM plugin), ``info`` (``CheckpointInfo``), ``staging`` (crash-safe directory writes), ``save``,
+``checks`` and ``load``, ``switch`` (the ``autoload`` switch). The hooks into transformers that call these are in
+:mod:`hf_normalign.integrations.transformers`.
 """
 
 from __future__ import annotations
 
-from .._install import install
-from .format import (
-    CONFIG_NAME,
-    FORMAT_VERSION,
-    MODULES_NAME,
-    WEIGHTS_NAME,
-    CheckpointInfo,
-    NormAlignCheckpointError,
-)
+import warnings
+
+from .format import CONFIG_NAME, FORMAT_VERSION, MODULES_NAME, WEIGHTS_NAME, NormAlignCheckpointError
+from .info import CheckpointInfo
 from .load import AutoNormAlignModelForImageTextToText, from_pretrained, load_plugin_weights, read_checkpoint_info
 from .save import save_pretrained
 from .staging import COMMIT_NAME, recover
 from .switch import AUTOLOAD_ENV, autoload, autoload_enabled
+
+
+def install() -> None:
+    """Deprecated, and a no-op: ``import hf_normalign`` installs the transformers integration
+    (``hf_normalign.integrations.transformers.install``) as soon as transformers is imported, which importing this
+    package has done."""
+    warnings.warn(
+        "hf_normalign.persistence.install() is deprecated and does nothing: `import hf_normalign` installs the "
+        "transformers integration (hf_normalign.integrations.transformers.install) when transformers is imported.",
+        FutureWarning,
+        stacklevel=2,
+    )
+
 
 __all__ = [
     "AUTOLOAD_ENV",

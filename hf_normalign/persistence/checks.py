@@ -14,7 +14,8 @@ from torch import nn
 from transformers.utils import logging
 
 from ..registry import get_spec
-from .format import CONFIG_NAME, CheckpointInfo, NormAlignCheckpointError, describe_model, file_sha256
+from .format import CONFIG_NAME, NormAlignCheckpointError, file_sha256
+from .info import CheckpointInfo, describe_model
 from .switch import AUTOLOAD_ENV
 
 logger = logging.get_logger(__name__)

@@ -17,7 +17,8 @@ from ..convert.detect import original_llava_hint
 from ..modeling import get_base_model
 from ..patching import get_plugin, patch, unpatch
 from .checks import check_base, check_before_building, check_state, read_tensors
-from .format import CONFIG_NAME, MODULES_NAME, WEIGHTS_NAME, CheckpointInfo, NormAlignCheckpointError
+from .format import CONFIG_NAME, MODULES_NAME, WEIGHTS_NAME, NormAlignCheckpointError
+from .info import CheckpointInfo
 from .staging import read_consistently, wait_for_writers
 from .switch import base_load
 

@@ -1,35 +1,42 @@
 """Writing the hf-normalign files of a checkpoint, and :func:`save_pretrained` (aligned or adapter-only form).
 
-The full form's base files are written by transformers' own ``save_pretrained``, intercepted in
-:mod:`hf_normalign.persistence.integration`; this module writes the plugin files beside them.
+The full form (:func:`save_aligned`, what a patched model's own ``save_pretrained`` runs): transformers' class
+``save_pretrained`` writes the base, plugin detached, into a staging folder; the plugin files follow; the commit
+moves them into place. :func:`save_unpatched` is an unpatched model's save over an aligned checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
+from transformers.utils import logging
 
 from ..modeling import get_base_model
-from ..patching import NormAlignModules, get_plugin
+from ..patching import ATTRIBUTE, NormAlignModules, get_plugin
 from .format import (
     BASE_CONFIG_NAME,
     CONFIG_NAME,
     MODULES_NAME,
     PLUGIN_FILES,
     WEIGHTS_NAME,
-    CheckpointInfo,
     file_sha256,
-    info_for,
     is_base_weights,
 )
-from .staging import atomic_directory, file_operation
+from .info import CheckpointInfo, info_for
+from .staging import atomic_directory, file_operation, writer_lock
+
+logger = logging.get_logger(__name__)
+
+T = TypeVar("T")
 
 
 def _plugin_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -57,6 +64,81 @@ def write_files(
     file_operation("write", os.path.join(directory, CONFIG_NAME))
     with open(os.path.join(directory, CONFIG_NAME), "w", encoding="utf-8") as f:
         f.write(json.dumps(dataclasses.replace(info, sha256=hashes).to_dict(), indent=2) + "\n")
+
+
+@contextmanager
+def _plugin_detached(model: nn.Module) -> Iterator[None]:
+    """Hide ``model.normalign`` from the module tree, so transformers saves the base model alone."""
+    modules = model._modules
+    saved = dict(modules)
+    del modules[ATTRIBUTE]
+    try:
+        yield
+    finally:
+        modules.clear()
+        modules.update(saved)  # the same order as before, so state_dict order is unchanged
+
+
+def _saves_on_this_rank(model: nn.Module, is_main_process: bool) -> bool:
+    check = getattr(model, "should_save_on_this_rank", None)  # newer transformers also check the rank
+    return check(is_main_process) if check is not None else is_main_process
+
+
+def save_aligned(model: nn.Module, save: Callable[..., Any], bound: inspect.BoundArguments) -> Any:
+    """Save the patched transformers ``model`` as an aligned checkpoint; returns what ``save`` returns.
+
+    ``save`` is transformers' own class ``save_pretrained`` bound to ``model`` and ``bound`` its arguments
+    (``push_to_hub`` taken out: the caller pushes the finished folder). ``save`` writes the base, plugin detached,
+    into a staging folder beside ``save_directory``; the plugin files and ``normalign_config.json`` follow; the commit
+    replaces the folder's earlier base weights and plugin files (other files stay). A ``state_dict`` (the Trainer's,
+    FSDP's gathered one) is split into base and plugin parts. Ranks that do not save only join ``save``'s
+    collectives, plugin detached, and write nothing.
+    """
+    plugin = get_plugin(model)
+    arguments = bound.arguments
+    save_directory = os.fspath(arguments["save_directory"])
+    plugin_state = plugin.state_dict()
+    state_dict = arguments.get("state_dict")
+    if state_dict is not None:
+        prefix = f"{ATTRIBUTE}."
+        given = {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
+        plugin_state = given or plugin_state
+        arguments["state_dict"] = {key: value for key, value in state_dict.items() if not key.startswith(prefix)}
+    if not _saves_on_this_rank(model, arguments.get("is_main_process", True)):
+        with _plugin_detached(model):
+            return save(*bound.args, **bound.kwargs)
+
+    info = info_for(model, plugin, adapter_only=False, base_model_name_or_path=model.name_or_path)
+    variant = arguments.get("variant")
+    peft = getattr(model, "_hf_peft_config_loaded", False)
+
+    def replaces(entry: str) -> bool:  # the earlier save's plugin and weights files that this save does not write
+        return entry in PLUGIN_FILES or is_base_weights(entry, variant, peft=peft)
+
+    with atomic_directory(save_directory, replaces) as staging:
+        arguments["save_directory"] = staging
+        with _plugin_detached(model):
+            result = save(*bound.args, **bound.kwargs)
+        write_files(staging, info, plugin_state)
+    return result
+
+
+def save_unpatched(save_directory: str | os.PathLike, save: Callable[[], T]) -> T:
+    """``save()``, an unpatched model's transformers save into ``save_directory``, which holds an aligned checkpoint:
+    under the folder's writer lock (not while one of our saves runs there), then without the folder's hf-normalign
+    files, which belong to the earlier weights (a load would attach that old plugin to these weights)."""
+    directory = os.fspath(save_directory)
+    with writer_lock(directory):
+        result = save()
+        stale = [name for name in sorted(PLUGIN_FILES) if os.path.isfile(os.path.join(directory, name))]
+        if stale:
+            logger.warning(
+                f"{directory} held hf-normalign files {stale} from an earlier save; this model is not patched, so "
+                "they were removed (they would re-apply an old intervention on load)."
+            )
+        for name in stale:
+            os.remove(os.path.join(directory, name))
+    return result
 
 
 def _refuse_empty(files: dict[str, dict[str, torch.Tensor]]) -> None:

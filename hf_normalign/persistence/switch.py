@@ -1,7 +1,8 @@
 """The load-time patching switch (:class:`autoload`) and the pass-through for hf-normalign's own base loads.
 
 Shared by the loaders (:mod:`.load`), which load the base model through transformers' wrapped
-``from_pretrained``, and the wrappers (:mod:`.integration`), which must let those loads through.
+``from_pretrained``, and the wrappers (:mod:`hf_normalign.integrations.transformers`), which must let those loads
+through.
 """
 
 from __future__ import annotations

@@ -10,8 +10,7 @@ from transformers.utils import logging
 from ..config import NormAlignConfig
 from ..console import emit
 from ..patching import patch
-from .save import save_pretrained
-from .switch import autoload
+from ..persistence import autoload, save_pretrained
 
 logger = logging.get_logger(__name__)
 
