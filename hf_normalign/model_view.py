@@ -44,7 +44,7 @@ class ModelView:
 
     @classmethod
     def of(cls, model: nn.Module | ModelView) -> ModelView:
-        """Resolve `model` (a view is returned as it is). Raises KeyError for a family with no spec."""
+        """Resolve `model` (a view is returned as it is). Raises ValueError for a family with no spec."""
         if isinstance(model, ModelView):
             return model
         base = get_base_model(model)
