@@ -30,7 +30,7 @@ from .maths.degradation import (
 )
 from .maths.frechet import SQRT_METHODS, GaussianMoments, frechet_distance, frechet_from_moments, trace_sqrt_product
 from .maths.keyspace import KeySpaceOptions, jsd_histograms, jsd_pca, pca_basis, pca_histograms
-from .maths.mir import OUTLIER_MODES, MIRResult, StreamingMIR, mir_from_features
+from .maths.mir import OUTLIER_MODES
 from .maths.mmd import median_bandwidth, mmd2_rbf
 from .maths.norms import adjacent_cosine, norm_stats
 from .metrics.degradation import (
@@ -41,7 +41,7 @@ from .metrics.degradation import (
     visual_degradation,
 )
 from .metrics.keyspace import KeySpaceResult, key_space_from_features, key_space_gap, key_space_run
-from .metrics.mir import MIROptions, mir, mir_run
+from .metrics.mir import MIROptions, MIRResult, StreamingMIR, mir, mir_from_features, mir_run
 from .metrics.profile import ModalityProfile, ProfileOptions, modality_profile, profile_from_features, profile_run
 from .probes import (
     EncodedSample,

@@ -349,8 +349,8 @@ def run_metrics(
         >>> from hf_normalign.diagnostics.probes import prepare_probe
         >>> model, processor = tiny_model("llava"), tiny_processor("llava")
         >>> samples = prepare_probe(processor, None, num_samples=4)
-        >>> out = run_metrics(model, processor, [profile_run(model, samples), mir_run(model, samples)],
-        ...                   RunOptions(progress=False))
+        >>> prepared = [profile_run(model, processor, samples=samples), mir_run(model, processor, samples=samples)]
+        >>> out = run_metrics(model, processor, prepared, RunOptions(progress=False))  # one pass: the probe is shared
         >>> sorted(out), out["mir"].layers
         (['mir', 'profile'], [1, 2])
     """

@@ -54,6 +54,7 @@ from torch import nn
 from ...model_view import ModelView
 from ..engine import CaptureBatch
 from ..maths.degradation import (
+    DegradationOptions,
     contrast_from_sums,
     contrast_sums,
     linear_probe_accuracy,
@@ -153,58 +154,6 @@ class DegradationResult(Result):
         out["probe_accuracy_input"], out["probe_accuracy_last"] = first_last(self.probe_accuracy, self.layers)
         out["probe_chance"] = self.probe_chance
         return out
-
-
-@dataclass(frozen=True)
-class DegradationOptions:
-    """The choices behind the degradation numbers, validated on construction: linear-probe folds, ridge and
-    seed (:func:`~..maths.degradation.linear_probe_accuracy`), the correlation axis, the share of a token's
-    cell an object must cover to label the token, the layers (hidden-state numbers 0..K; default all, 0
-    included), layer K before (``final_norm=False``, default) or after the final norm, and ``token_grid``
-    (:func:`visual_degradation`).
-
-    Example:
-        >>> DegradationOptions(folds=1)
-        Traceback (most recent call last):
-        ...
-        ValueError: folds must be >= 2, got 1
-    """
-
-    folds: int = 5
-    ridge: float = 0.1
-    corr_axis: str = "features"
-    seed: int = 0
-    min_coverage: float = 1 / 3
-    layers: tuple[int, ...] | None = None
-    final_norm: bool = False
-    token_grid: Callable[[int], tuple[int, int, int] | None] | None = None
-
-    def __post_init__(self) -> None:
-        if self.layers is not None:
-            object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
-        if self.folds < 2:
-            raise ValueError(f"folds must be >= 2, got {self.folds}")
-        if not self.ridge > 0:
-            raise ValueError(f"ridge must be > 0, got {self.ridge}")
-        if self.corr_axis not in ("features", "samples"):
-            raise ValueError(f"corr_axis must be 'features' or 'samples', got {self.corr_axis!r}")
-        if not 0 < self.min_coverage <= 1:
-            raise ValueError(f"min_coverage must be in (0, 1], got {self.min_coverage}")
-
-    def settings(self) -> dict[str, Any]:
-        """How the numbers were computed, for ``DegradationResult.settings``."""
-        return {
-            "pooling": "mean over the vision tokens of each image",
-            "effective_dim": "participation ratio (sum lambda)^2 / sum lambda^2 of the pooled-feature covariance",
-            "corr_axis": self.corr_axis,
-            "contrast_ratio": "cohesion / coupling (the paper's); cosine pairs within one image; -1 labels ignored",
-            "contrast_ratio_shifted": "(1 + cohesion) / (1 + coupling)",
-            "offdiag_corr": "mean |r| off the diagonal; offdiag_corr_signed: mean r",
-            "linear_probe": f"ridge (closed form) on standardised pooled features, {self.folds}-fold stratified CV",
-            "folds": self.folds,
-            "ridge": self.ridge,
-            "seed": self.seed,
-        }
 
 
 class DegradationAccumulator(Accumulator):

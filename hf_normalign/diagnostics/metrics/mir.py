@@ -3,7 +3,7 @@
 ``mir(model, processor)`` runs the model over the probe in batches (:func:`~..runner.run_probe`), takes the
 hidden states at vision and text positions of every decoder layer (layers 1..K, the reference's
 ``hidden_states[1:]``; layer K after the final norm unless ``final_norm=False``) and computes MIR with
-:func:`..maths.mir.mir_from_features` (or :class:`..maths.mir.StreamingMIR`). Text is the passage
+:func:`mir_from_features` (or :class:`StreamingMIR`), both over :mod:`..maths.mir`. Text is the passage
 (default) or, ``text_tokens="after_image"``, every token after the image, as the reference script.
 
 ``preset="reference"`` runs the reference script's recipe (shikiw/Modality-Integration-Rate ``mir.py``):
@@ -37,8 +37,9 @@ option is also a keyword of :func:`mir`. Command line (:mod:`hf_normalign.comman
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -46,7 +47,7 @@ from torch import nn
 
 from ...model_view import ModelView
 from ..maths.frechet import SqrtMethod
-from ..maths.mir import MIRResult, StreamingMIR, mir_from_features
+from ..maths.mir import StreamingMIRStats, mir_parts
 from ..options import UNSET, merge_options
 from ..probes.encoding import (
     TEXT_TOKENS,
@@ -58,6 +59,7 @@ from ..probes.encoding import (
     select_text_tokens,
 )
 from ..probes.probe import Probe
+from ..results import Column, Result, Table
 from ..runner import MetricRun, ProcessGroup, RunOptions, run_probe
 from .mir_capture import FeatureAccumulator, LayerStore, LayerView, MIRAccumulator
 
@@ -67,8 +69,11 @@ __all__ = [
     "FeatureAccumulator",
     "MIRAccumulator",
     "MIROptions",
+    "MIRResult",
     "MIRRun",
+    "StreamingMIR",
     "mir",
+    "mir_from_features",
     "mir_run",
 ]
 
@@ -93,6 +98,108 @@ _REFERENCE_FIXED: dict[str, Any] = {
 _LAYER_NUMBERING = "hidden_states index: 0 = LLM input, k = output of decoder layer k (1-based)"
 
 
+@dataclass
+class MIRResult(Result):
+    """MIR and its per-layer parts.
+
+    Attributes:
+        mir: log_base of the sum of per-layer FIDs (-inf when the sum is 0, NaN when it is negative,
+            which only ``sqrt="reference_fast"`` can produce).
+        per_layer: FID of each layer, in the order of ``layers``.
+        layers: layer indices (as given by the caller; 0..K-1 by default).
+        num_samples: number of image-text samples behind the features, if known.
+        settings: how it was computed (outliers, outlier_threshold, sqrt, log_base, streaming, plus
+            whatever the caller added, e.g. final_norm).
+        num_vision_tokens / num_text_tokens: tokens per layer that entered the FID (after dropping).
+        num_vision_outliers / num_text_outliers: tokens per layer flagged as outliers.
+        text_scale: alpha_k = 1 / mean text-token norm per layer.
+
+    Example:
+        >>> r = MIRResult(mir=1.0, per_layer=[4.0, 6.0], layers=[1, 2], num_samples=2, settings={})
+        >>> MIRResult.from_dict(r.to_dict()) == r
+        True
+    """
+
+    mir: float
+    per_layer: list[float]
+    layers: list[int]
+    num_samples: int | None
+    settings: dict[str, Any]
+    num_vision_tokens: list[int] = field(default_factory=list)
+    num_text_tokens: list[int] = field(default_factory=list)
+    num_vision_outliers: list[int] = field(default_factory=list)
+    num_text_outliers: list[int] = field(default_factory=list)
+    text_scale: list[float] = field(default_factory=list)
+
+    TABLES = (
+        Table(
+            "layers",
+            "layer",
+            (
+                Column("per_layer", "FID", ".5g"),
+                Column("share", "share", ".1%", report=False),
+                Column("num_vision_tokens", "vision tok", "d", report=False),
+                Column("num_vision_outliers", "vision outl.", "d", report=False),
+                Column("num_text_tokens", "text tok", "d", report=False),
+                Column("num_text_outliers", "text outl.", "d", report=False),
+            ),
+        ),
+    )
+
+    @property
+    def share(self) -> list[float]:
+        """Each layer's FID as a fraction of their sum (NaN when the sum is not positive)."""
+        total = sum(self.per_layer)
+        return [fid / total if total > 0 else math.nan for fid in self.per_layer]
+
+    def summary(self) -> dict[str, float | None]:
+        """Headline number for the report: MIR itself."""
+        return {"mir": self.mir}
+
+    def __str__(self) -> str:
+        base = self.settings.get("log_base", 10)
+        samples = f"{self.num_samples} samples, " if self.num_samples is not None else ""
+        how = ", ".join(f"{k}={self.settings[k]}" for k in ("outliers", "sqrt") if k in self.settings)
+        summary = (
+            f"MIR = {self.mir:.4f} (log{base:g} of the sum of {len(self.per_layer)} per-layer FIDs = "
+            f"{sum(self.per_layer):.5g}; {samples}{how})"
+        )
+        return summary + "\n" + self.format_table()
+
+
+def mir_from_features(vision_layers: Sequence[Any], text_layers: Sequence[Any], **options: Any) -> MIRResult:
+    """MIR from per-layer features as a :class:`MIRResult`; features, keywords (outliers, sqrt, log_base,
+    layer_indices, num_samples, outlier_threshold, outlier_stats, text_scale, extra_settings) and maths:
+    :func:`~..maths.mir.mir_parts`.
+
+    Example:
+        >>> import torch
+        >>> g = torch.Generator().manual_seed(0)
+        >>> res = mir_from_features([torch.randn(60, 4, generator=g) + 2], [torch.randn(50, 4, generator=g)])
+        >>> res.layers, res.mir > 0
+        ([0], True)
+    """
+    return MIRResult(**mir_parts(vision_layers, text_layers, **options))
+
+
+class StreamingMIR(StreamingMIRStats):
+    """:class:`~..maths.mir.StreamingMIRStats` (MIR batch by batch in bounded memory, its docstring) whose
+    :meth:`result` is a :class:`MIRResult`.
+
+    Example:
+        >>> import torch
+        >>> g = torch.Generator().manual_seed(0)
+        >>> acc = StreamingMIR(outliers="none")
+        >>> acc.update([torch.randn(40, 4, generator=g) + 1], [torch.randn(30, 4, generator=g)], num_samples=2)
+        >>> acc.result().num_samples
+        2
+    """
+
+    def result(self) -> MIRResult:
+        """The MIR of everything fed so far; ends the last pass if it is still open."""
+        return MIRResult(**self.parts())
+
+
 @dataclass(frozen=True)
 class MIROptions:
     """How :func:`mir` measures; one default per option (the reference script's recipe, except ``text_tokens``).
@@ -101,7 +208,7 @@ class MIROptions:
         final_norm: layer K after the final norm (True, as transformers reports it and the reference uses it).
         layers / include_embeddings: layers to use (:class:`~hf_normalign.model_view.ModelView` numbering);
             default 1..K, without layer 0.
-        outliers, sqrt, log_base, outlier_stats, text_scale: as :func:`~..maths.mir.mir_from_features`: 3-sigma
+        outliers, sqrt, log_base, outlier_stats, text_scale: as :func:`mir_from_features`: 3-sigma
             replace-median with torch statistics, the exact square root, base 10, the text-centric scale on.
         outlier_threshold: the width of the outlier test; None: 3 standard deviations, or 1.5 IQR for
             ``outliers="iqr"`` (as the reference).
@@ -137,7 +244,7 @@ class MIROptions:
             object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
 
     def maths(self) -> dict[str, Any]:
-        """The keywords of :func:`~..maths.mir.mir_from_features` / :class:`~..maths.mir.StreamingMIR`."""
+        """The keywords of :func:`mir_from_features` / :class:`StreamingMIR`."""
         keys = ("outliers", "sqrt", "log_base", "outlier_threshold", "outlier_stats", "text_scale")
         return {k: getattr(self, k) for k in keys}
 
@@ -322,7 +429,7 @@ def mir(
             ``mir`` with the same arguments; the result equals one process's to float64 round-off.
 
     Returns:
-        :class:`~..maths.mir.MIRResult` (``None`` on the other processes of an ``accelerator``); ``settings``
+        :class:`MIRResult` (``None`` on the other processes of an ``accelerator``); ``settings``
         also records ``final_norm``, ``batch_size``, the probe, the model and the layer numbering.
         JSON: ``result.to_dict()``.
 

@@ -5,26 +5,28 @@ captures one group of layers at a time under a host-memory budget."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
 from ..engine import CaptureBatch
-from ..maths.mir import MIRResult, StreamingMIR
+from ..maths.mir import StreamingMIRStats
 from ..runner import Accumulator, CaptureRequest
 
 __all__ = ["FeatureAccumulator", "LayerStore", "LayerView", "MIRAccumulator"]
 
 
 class MIRAccumulator(Accumulator):
-    """The streaming MIR statistics (:class:`~..maths.mir.StreamingMIR`) fed by the probe runner.
+    """The streaming MIR statistics (a :class:`~.mir.StreamingMIR`) fed by the probe runner; ``result()`` is
+    theirs (a :class:`~.mir.MIRResult`).
 
     Example:
-        >>> from hf_normalign.diagnostics.maths.mir import StreamingMIR
+        >>> from hf_normalign.diagnostics.metrics.mir import StreamingMIR
         >>> MIRAccumulator(StreamingMIR(outliers="drop", layer_indices=[1, 2]), [1, 2]).passes
         2
     """
 
-    def __init__(self, stats: StreamingMIR, layers: Sequence[int], final_norm: bool = True) -> None:
+    def __init__(self, stats: StreamingMIRStats, layers: Sequence[int], final_norm: bool = True) -> None:
         self.stats = stats
         self.request = CaptureRequest(tuple(layers), final_norm=final_norm, dtype=None)
         self.passes = stats.passes_required
@@ -41,7 +43,7 @@ class MIRAccumulator(Accumulator):
     def end_pass(self) -> None:
         self.stats.end_pass()
 
-    def result(self) -> MIRResult:
+    def result(self) -> Any:
         return self.stats.result()
 
 
