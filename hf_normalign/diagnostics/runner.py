@@ -354,12 +354,17 @@ def run_metrics(
         >>> sorted(out), out["mir"].layers
         (['mir', 'profile'], [1, 2])
     """
+    names = [m.name for m in metrics]
+    if len(set(names)) != len(names):
+        raise ValueError(f"run_metrics needs one prepared run per metric name, got {names}")
     view = ModelView.of(model)
     run = run or RunOptions()
     groups: list[list[MetricRun]] = []
     for metric in metrics:
-        home = next((g for g in groups if metric.shareable and g[0].shareable and _same_samples(g[0].samples,
-                     metric.samples)), None)  # fmt: skip
+        shares = [
+            g for g in groups if metric.shareable and g[0].shareable and _same_samples(g[0].samples, metric.samples)
+        ]
+        home = shares[0] if shares else None
         if home is None:
             groups.append([metric])
         else:

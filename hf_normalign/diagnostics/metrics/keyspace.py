@@ -446,8 +446,6 @@ def key_space_gap(
         ([1, 2], 2)
     """
     view = ModelView.of(model)
-    if scatter_layers is not UNSET and scatter_layers is not None:
-        scatter_layers = tuple(scatter_layers)
     options = merge_options(
         KeySpaceOptions, options if options is not None else KeySpaceOptions(seed=seed),
         bandwidth=bandwidth, unbiased=unbiased, max_samples=max_samples, pca_dims=pca_dims, bins=bins,
