@@ -171,3 +171,15 @@ def test_one_default_per_option():
     # outlier_threshold None means 3 sigma (1.5 IQR for "iqr") in both mir and the maths; stated once.
     assert MIROptions().outlier_threshold is None and MIROptions().outliers == "replace_median"
     assert RunOptions().batch_size == 8 and ProfileOptions().final_norm is False and MIROptions().final_norm is True
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_each_public_call_resolves_the_model_once(pair, name, monkeypatch):
+    import hf_normalign.model_view as model_view
+
+    model, processor = pair
+    lookups = []
+    real = model_view.get_spec
+    monkeypatch.setattr(model_view, "get_spec", lambda base: lookups.append(base) or real(base))
+    CASES[name][0](model, processor, num_samples=DEG if name == "degradation" else N, progress=False)
+    assert len(lookups) == 1  # ModelView.of once; the view travels to the runner, engine and accumulators

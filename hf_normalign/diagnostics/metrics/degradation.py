@@ -191,7 +191,7 @@ class DegradationAccumulator(Accumulator):
 
     @contextlib.contextmanager
     def attach(self, view: ModelView, samples: Sequence[Any]) -> Iterator[None]:
-        self._grid_of = self._token_grid or functools.partial(token_grid, view.base)
+        self._grid_of = self._token_grid or functools.partial(token_grid, view)
         self._model_type = getattr(view.config, "model_type", "this model")
         try:
             yield
