@@ -43,8 +43,8 @@ from mir_math import naive_fid, random_features, random_spd, scipy_trace_sqrt, t
 from hf_normalign.diagnostics.engine import capture
 from hf_normalign.diagnostics.maths.frechet import frechet_distance, trace_sqrt_product
 from hf_normalign.diagnostics.metrics.mir import mir
-from hf_normalign.diagnostics.model_facts import vision_token_ids
 from hf_normalign.diagnostics.probes import default_probe, encode_probe
+from hf_normalign.model_view import ModelView
 from hf_normalign.testing import tiny_model, tiny_processor
 
 
@@ -107,7 +107,7 @@ def _sync(device: str) -> None:
 def bench_capture(hidden: int, layers: int, samples: int, batch_size: int, device: str, dtype: torch.dtype) -> dict:
     model, proc = _model(hidden, layers, device, dtype), tiny_processor("llava")
     encoded = encode_probe(proc, default_probe(samples))
-    vision_ids = torch.tensor(vision_token_ids(model))
+    vision_ids = torch.tensor(ModelView.of(model).vision_token_ids)
 
     def reference_loop() -> int:
         rows = 0

@@ -9,8 +9,8 @@ from helpers import vision_mask
 from PIL import Image
 
 from hf_normalign.diagnostics.engine import capture
-from hf_normalign.diagnostics.model_facts import resolve_layers
 from hf_normalign.diagnostics.probes import EncodedSample, Probe, default_probe, encode_probe
+from hf_normalign.model_view import ModelView
 from hf_normalign.registry import get_spec
 from hf_normalign.testing import tiny_batch, tiny_model, tiny_processor
 
@@ -148,12 +148,13 @@ def test_forward_stops_after_the_deepest_selected_layer():
 
 def test_resolve_layers():
     model = tiny_model("llava", num_hidden_layers=4)
-    assert resolve_layers(model) == [1, 2, 3, 4]
-    assert resolve_layers(model, [-1, 2, 2], include_embeddings=True) == [0, 2, 4]
-    assert resolve_layers(model, [-5]) == [0]
+    view = ModelView.of(model)
+    assert view.resolve_layers() == [1, 2, 3, 4]
+    assert view.resolve_layers([-1, 2, 2], include_embeddings=True) == [0, 2, 4]
+    assert view.resolve_layers([-5]) == [0]
     for bad in ([5], [-6]):
         with pytest.raises(ValueError, match="out of range"):
-            resolve_layers(model, bad)
+            view.resolve_layers(bad)
 
 
 def test_processor_free_encoded_samples():

@@ -16,8 +16,7 @@ from helpers import vision_mask
 from PIL import Image
 
 from hf_normalign.cli import main
-from hf_normalign.diagnostics.maths.mir import MIRResult, mir_from_features
-from hf_normalign.diagnostics.metrics.mir import mir
+from hf_normalign.diagnostics.metrics.mir import MIRResult, mir, mir_from_features
 from hf_normalign.diagnostics.probes import (
     EncodedSample,
     Probe,

@@ -10,7 +10,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from hf_normalign.diagnostics.maths.mir import MIRResult, StreamingMIR, mir_from_features
+from hf_normalign.diagnostics.metrics.mir import MIRResult, StreamingMIR, mir_from_features
 
 NUM_PLANTED = 3
 

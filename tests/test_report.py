@@ -17,9 +17,9 @@ from plot_pixels import pixels_of, render
 import hf_normalign
 from hf_normalign import cli
 from hf_normalign.diagnostics import plots
-from hf_normalign.diagnostics.maths.mir import MIRResult
 from hf_normalign.diagnostics.metrics.degradation import DegradationResult
 from hf_normalign.diagnostics.metrics.keyspace import KeySpaceResult
+from hf_normalign.diagnostics.metrics.mir import MIRResult
 from hf_normalign.diagnostics.metrics.profile import ModalityProfile
 from hf_normalign.diagnostics.report import METRICS, build_report
 from hf_normalign.diagnostics.report_page import coincidence_note

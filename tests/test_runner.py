@@ -23,10 +23,10 @@ from hf_normalign.diagnostics.engine import batch_plan, capture
 from hf_normalign.diagnostics.maths.keyspace import KeySpaceOptions
 from hf_normalign.diagnostics.maths.reservoir import Reservoir
 from hf_normalign.diagnostics.metrics.degradation import DegradationOptions
-from hf_normalign.diagnostics.model_facts import vision_token_ids
 from hf_normalign.diagnostics.probes import prepare_probe
 from hf_normalign.diagnostics.results import json_float
 from hf_normalign.diagnostics.runner import CaptureRequest
+from hf_normalign.model_view import ModelView
 from hf_normalign.registry import ArchitectureSpec, get_spec
 from hf_normalign.testing import tiny_model, tiny_processor
 
@@ -58,7 +58,7 @@ def test_runner_drives_any_accumulator_over_the_whole_probe():
     model, processor = tiny_model("llava"), tiny_processor("llava")
     samples = prepare_probe(processor, None, num_samples=5)
     acc = run_probe(model, processor, samples, _Counter(), RunOptions(batch_size=2, progress=False))
-    ids = torch.tensor(vision_token_ids(model))
+    ids = torch.tensor(ModelView.of(model).vision_token_ids)
     by_hand = {i: int(torch.isin(s.input_ids, ids).sum()) for i, s in enumerate(samples)}
     assert acc.result() == by_hand and acc.batches == 3
     # The text rows of layer 1 are those of a plain forward of each sample on its own.

@@ -1,8 +1,10 @@
 """Capture engine: run a VLM over encoded probe samples in batches and collect the LLM's hidden states at the
 vision-token positions and at the text-passage positions, for selected layers only.
 
-Layer numbering: :mod:`.model_facts`; layer K with ``final_norm=True`` is taken after the final norm, as
-transformers reports ``hidden_states[-1]`` (and as the MIR reference uses it), with ``False`` before it.
+Layer numbering: :class:`~hf_normalign.model_view.ModelView`; layer K with ``final_norm=True`` is taken after the
+final norm, as transformers reports ``hidden_states[-1]`` (and as the MIR reference uses it), with ``False`` before
+it, with ``"both"`` both ways in one forward (before in ``vision``/``text``, after in ``vision_normed``/``text_normed``:
+what a one-pass run of metrics that disagree needs).
 Like ``hidden_states``, a Qwen3-VL layer's output is taken before the deepstack vision features are added
 to it. Attention keys (``capture_keys=True``) of layer k are the output of ``layers[k - 1].self_attn.k_proj``:
 the keys decoder layer k computes from its input, before RoPE.
@@ -40,9 +42,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..modeling import get_base_model
-from ..registry import get_spec
-from .model_facts import model_input_device, resolve_layers, vision_token_ids
+from ..model_view import ModelView
 from .probes.encoding import EncodedSample, check_samples, pad_token_id, prepare_probe, select_text_tokens
 from .probes.probe import Probe, ProbeSample
 
@@ -61,6 +61,7 @@ class CaptureBatch:
         text_token: [rows] index of the token among its sample's text tokens (``text_tokens``).
         sample_indices: probe indices of the samples in this batch.
         vision_keys / text_keys: layer -> [rows, kv_dim] ``k_proj`` outputs, when asked for.
+        vision_normed / text_normed: layer K after the final norm (``final_norm="both"`` only; else None).
 
     Rows are ordered by sample, then by position. Bookkeeping tensors are on the CPU.
     """
@@ -75,6 +76,8 @@ class CaptureBatch:
     sample_indices: list[int]
     vision_keys: dict[int, torch.Tensor] = field(default_factory=dict)
     text_keys: dict[int, torch.Tensor] = field(default_factory=dict)
+    vision_normed: torch.Tensor | None = None
+    text_normed: torch.Tensor | None = None
 
 
 def _pad_to(t: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
@@ -177,9 +180,10 @@ def _first(output: Any) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _hooks(model: nn.Module, layers: list[int], final_norm: bool, keys: bool, recorder: _Recorder) -> Iterator[None]:
-    spec = get_spec(model)
-    decoder = spec.decoder_layers(model)
+def _hooks(
+    view: ModelView, layers: list[int], final_norm: bool | str, keys: bool, recorder: _Recorder
+) -> Iterator[None]:
+    decoder = view.layers
     k = len(decoder)
     handles = []
     try:
@@ -200,13 +204,20 @@ def _hooks(model: nn.Module, layers: list[int], final_norm: bool, keys: bool, re
                         lambda m, a, out, layer=layer: recorder.take("keys", layer, _first(out))
                     )
                 )
-            target = decoder[layer - 1]
             if layer == k and final_norm:
-                target = getattr(spec.get(model, spec.language_model), "norm", None)
-                if target is None:
-                    raise ValueError(f"final_norm=True but {spec.language_model}.norm does not exist")
+                norm = getattr(view.language_model, "norm", None)
+                if norm is None:
+                    raise ValueError(f"final_norm={final_norm!r} but {view.spec.language_model}.norm does not exist")
+                kind = "normed" if final_norm == "both" else "hidden"
+                handles.append(
+                    norm.register_forward_hook(lambda m, a, out, kind=kind: recorder.take(kind, k, _first(out)))
+                )
+                if final_norm != "both":
+                    continue
             handles.append(
-                target.register_forward_hook(lambda m, a, out, layer=layer: recorder.take("hidden", layer, _first(out)))
+                decoder[layer - 1].register_forward_hook(
+                    lambda m, a, out, layer=layer: recorder.take("hidden", layer, _first(out))
+                )
             )
         yield
     finally:
@@ -240,7 +251,7 @@ def capture(
     probe: Probe | Sequence[ProbeSample] | Sequence[EncodedSample] | None = None,
     *,
     layers: Iterable[int] | None = None,
-    final_norm: bool = True,
+    final_norm: bool | str = True,
     include_embeddings: bool = False,
     batch_size: int = 8,
     capture_keys: bool = False,
@@ -257,11 +268,12 @@ def capture(
     """Yield a :class:`CaptureBatch` per batch of ``probe`` (default: the built-in 100-pair probe).
 
     Args:
-        model: a supported ``...ForConditionalGeneration`` (any dtype, quantised, PEFT-wrapped).
+        model: a supported ``...ForConditionalGeneration`` (any dtype, quantised, PEFT-wrapped), or its
+            :class:`~hf_normalign.model_view.ModelView` (resolved once by the caller).
         processor: the model's processor; not needed when ``probe`` is a list of :class:`EncodedSample`.
         probe: a :class:`~.probe.Probe`, ``(image, text)`` pairs, or encoded samples.
         layers: layer numbers (module docstring); default 1..K.
-        final_norm: layer K after (True) or before (False) the final norm.
+        final_norm: layer K after (True) or before (False) the final norm, or ``"both"`` (module docstring).
         include_embeddings: add layer 0, the LLM input.
         batch_size: samples per forward pass.
         capture_keys: also record ``k_proj`` outputs of the selected layers >= 1.
@@ -283,17 +295,21 @@ def capture(
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    wrapper, model = model, get_base_model(model)
-    selected = resolve_layers(model, layers, include_embeddings=include_embeddings)
+    if final_norm not in (True, False, "both"):
+        raise ValueError(f"final_norm must be True, False or 'both', got {final_norm!r}")
+    view = ModelView.of(model)
+    wrapper, base = view.model, view.base
+    selected = view.resolve_layers(layers, include_embeddings=include_embeddings)
     samples = prepare_probe(processor, probe, prompt=prompt, progress=progress)
-    vision_ids = vision_token_ids(model)
+    vision_ids = view.vision_token_ids
     check_samples(samples, vision_ids)
     samples = select_text_tokens(samples, vision_ids, text_tokens)
-    pad_id = pad_token_id(processor, model, vision_ids)
-    run_device = torch.device(device) if device is not None else model_input_device(model)
+    pad_id = pad_token_id(processor, base, vision_ids)
+    run_device = torch.device(device) if device is not None else view.input_device
     out_device = torch.device(output_device) if output_device is not None else None
     deepest = selected[-1]
-    last = ("hidden", deepest)
+    normed = final_norm == "both" and deepest == view.num_layers
+    last = ("normed" if normed else "hidden", deepest)
     if batches is None:
         batches = batch_plan([s.input_ids.shape[0] for s in samples], batch_size, bucket_by_length)
     for indices in tqdm(batches, desc="capture", unit="batch", disable=not progress, leave=False):
@@ -306,8 +322,8 @@ def capture(
         was_training = wrapper.training
         wrapper.eval()
         try:
-            with _hooks(model, selected, final_norm, capture_keys, recorder), torch.inference_mode():
-                wrapper(**_move(inputs, run_device, model.dtype), use_cache=False)
+            with _hooks(view, selected, final_norm, capture_keys, recorder), torch.inference_mode():
+                wrapper(**_move(inputs, run_device, base.dtype), use_cache=False)
         except _StopForward:
             pass
         finally:
@@ -323,4 +339,6 @@ def capture(
             sample_indices=indices,
             vision_keys={k: recorder.vision[("keys", k)] for k in selected if k > 0 and capture_keys},
             text_keys={k: recorder.text[("keys", k)] for k in selected if k > 0 and capture_keys},
+            vision_normed=recorder.vision[last] if normed else None,
+            text_normed=recorder.text[last] if normed else None,
         )

@@ -13,7 +13,12 @@ key-space gap (:func:`~.metrics.keyspace.key_space_gap`) and the visual-degradat
 
 What the page shows (plots, captions, tables, the HTML) is :mod:`.report_page`.
 
-Command line: ``normalign report MODEL [--compare MODEL2 ...] --out DIR``.
+Passes: profile, MIR and the key-space gap run over the same encoded probe in ONE pass per model
+(:func:`~.runner.run_metrics`); the degradation metrics use their own labelled probe (the shapes probe: other
+images, labels, 60 pairs by default), so they take one pass of their own. Each result equals the metric's own
+call with the same arguments; the summary row of a model joins each result's ``summary()``.
+
+Command line (:mod:`hf_normalign.commands.report`): ``normalign report MODEL [--compare MODEL2 ...] --out DIR``.
 
 Example:
     >>> from hf_normalign.testing import tiny_model, tiny_processor
@@ -27,28 +32,29 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 
-from ..console import emit
+from ..model_view import ModelView
 from ..persistence.staging import write_file_atomically
 from . import plots
 from .html import safe_href
-from .metrics.degradation import DegradationResult, visual_degradation
-from .metrics.keyspace import KeySpaceResult, key_space_gap
-from .metrics.mir import mir
-from .metrics.profile import ModalityProfile, modality_profile
+from .maths.keyspace import KeySpaceOptions
+from .metrics.degradation import degradation_run
+from .metrics.keyspace import key_space_run
+from .metrics.mir import mir_run
+from .metrics.profile import profile_run
+from .probes.encoding import prepare_probe
 from .report_page import PLOTS, format_number, render_page
 from .results import json_float
+from .runner import MetricRun, RunOptions, run_metrics
 
 __all__ = ["METRICS", "Report", "build_report"]
 
@@ -73,72 +79,51 @@ class Report:
     results: dict[str, dict[str, Any]]
     summary: dict[str, dict[str, float | None]] = field(default_factory=dict)
 
+    def summary_lines(self) -> list[str]:
+        """One line per model: its headline numbers (what ``normalign report`` prints)."""
+        return [
+            f"{name}: " + ", ".join(f"{k} {format_number(v)}" for k, v in values.items() if v is not None)
+            for name, values in self.summary.items()
+        ]
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Running the diagnostics
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _run_metric(
-    metric: str, model: Any, processor: Any, probe: Any, degradation_probe: Any, opts: dict[str, Any]
-) -> Any:
-    common = {"batch_size": opts["batch_size"], "seed": opts["seed"], "progress": opts["progress"]}
-    if metric == "profile":
-        return modality_profile(model, processor, probe, num_samples=opts["num_samples"], **common)
-    if metric == "mir":
-        return mir(model, processor, probe, num_samples=opts["num_samples"], **common)
-    if metric == "key_space":
-        return key_space_gap(
-            model,
-            processor,
-            probe,
-            opts["key_layers"],
-            num_samples=opts["num_samples"],
-            max_samples=opts["max_key_samples"],
-            tsne=opts["key_tsne"],
-            **common,
-        )
-    return visual_degradation(model, processor, degradation_probe, num_samples=opts["degradation_samples"], **common)
-
-
-def _first_last(values: Sequence[float] | None, layers: Sequence[int]) -> tuple[float | None, float | None]:
-    if not values:
-        return None, None
-    return (values[0] if layers[0] == 0 else None), values[-1]
-
-
-def _mean(values: Iterable[float]) -> float:
-    vals = list(values)
-    return sum(vals) / len(vals)
+def _prepared(
+    metrics: Sequence[str], model: Any, processor: Any, probe: Any, degradation_probe: Any, opts: Mapping[str, Any]
+) -> list[MetricRun]:
+    """The chosen metrics of one model, prepared; profile, MIR and key-space share one encoding of ``probe`` (so
+    :func:`~.runner.run_metrics` runs them in one pass), degradation has its own labelled probe."""
+    view = ModelView.of(model)
+    run = RunOptions(batch_size=opts["batch_size"], progress=opts["progress"])
+    data = {"num_samples": opts["num_samples"], "seed": opts["seed"], "run": run}
+    shared = None
+    if any(m in metrics for m in ("profile", "mir", "key_space")):
+        shared = prepare_probe(processor, probe, num_samples=opts["num_samples"], seed=opts["seed"],
+                               progress=opts["progress"])  # fmt: skip
+    build: dict[str, Callable[[], MetricRun]] = {
+        "profile": lambda: profile_run(view, processor, probe, **data, samples=shared),
+        "mir": lambda: mir_run(view, processor, probe, **data, samples=shared),
+        "key_space": lambda: key_space_run(
+            view, processor, probe, opts["key_layers"], **data, samples=shared,
+            options=KeySpaceOptions(max_samples=opts["max_key_samples"], seed=opts["seed"], tsne=opts["key_tsne"]),
+        ),
+        "degradation": lambda: degradation_run(
+            view, processor, degradation_probe, num_samples=opts["degradation_samples"], seed=opts["seed"], run=run
+        ),
+    }  # fmt: skip
+    return [build[m]() for m in metrics]
 
 
 def _summary(results: Mapping[str, Any]) -> dict[str, float | None]:
-    """Headline numbers of one model (None where a metric was not run)."""
+    """Headline numbers of one model: each result's own ``summary()``, in metric order."""
     out: dict[str, float | None] = {}
-    prof: ModalityProfile | None = results.get("profile")
-    if prof is not None:
-        out["norm_ratio_input"], out["norm_ratio_last"] = _first_last(prof.norm_ratio, prof.layers)
-        out["vision_update_cos_mean"] = _mean(prof.vision_update_cos) if prof.update_layers else None
-        out["text_update_cos_mean"] = _mean(prof.text_update_cos) if prof.update_layers else None
-        out["vision_encoder_norm"] = prof.vision_path_norms.get("vision_encoder_output", {}).get("mean")
-        out["projector_output_norm"] = prof.vision_path_norms.get("projector_output", {}).get("mean")
-        out["gain_mean_abs"] = prof.projector_gain["mean_abs"] if prof.projector_gain else None
-        out["gain_mean_abs_to_init"] = prof.projector_gain["mean_abs_to_init"] if prof.projector_gain else None
-    if results.get("mir") is not None:
-        out["mir"] = results["mir"].mir
-    keys: KeySpaceResult | None = results.get("key_space")
-    if keys is not None:
-        out["key_mmd2_mean"] = _mean(keys.mmd2)
-        out["key_mmd2_intra_mean"] = _mean(
-            0.5 * (a + b) for a, b in zip(keys.mmd2_vision_halves, keys.mmd2_text_halves, strict=True)
-        )
-        out["key_jsd_mean"] = _mean(keys.jsd)
-    deg: DegradationResult | None = results.get("degradation")
-    if deg is not None:
-        out["effective_dim_input"], out["effective_dim_last"] = _first_last(deg.effective_dim, deg.layers)
-        out["contrast_ratio_input"], out["contrast_ratio_last"] = _first_last(deg.contrast_ratio, deg.layers)
-        out["probe_accuracy_input"], out["probe_accuracy_last"] = _first_last(deg.probe_accuracy, deg.layers)
-        out["probe_chance"] = deg.probe_chance
+    for metric in METRICS:
+        if results.get(metric) is not None:
+            out.update(results[metric].summary())
     return out
 
 
@@ -210,13 +195,14 @@ def build_report(
         "progress": progress,
     }
     chosen = [m for m in METRICS if m in metrics]
-    results: dict[str, dict[str, Any]] = {name: {} for name in models}
-    steps = [(name, metric) for name in models for metric in chosen]
-    with tqdm(steps, desc="report", unit="step", disable=not progress) as bar:
-        for name, metric in bar:
-            bar.set_postfix_str(f"{name}: {metric}")
+    results: dict[str, dict[str, Any]] = {}
+    with tqdm(list(models), desc="report", unit="model", disable=not progress) as bar:
+        for name in bar:
+            bar.set_postfix_str(name)
             model, processor = models[name]
-            results[name][metric] = _run_metric(metric, model, processor, probe, degradation_probe, opts)
+            prepared = _prepared(chosen, model, processor, probe, degradation_probe, opts)
+            run = RunOptions(batch_size=batch_size, progress=progress)
+            results[name] = run_metrics(model, processor, prepared, run)
     summary = {name: _summary(res) for name, res in results.items()}
 
     written: dict[str, Path] = {}
@@ -268,54 +254,3 @@ def _json_data(
             for name in results
         },
     }
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Command line: normalign report MODEL [--compare MODEL2] --out DIR
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _names(paths: Sequence[str]) -> list[str]:
-    """Short, unique display names: the last path component, numbered when two agree."""
-    base = [Path(p.rstrip("/\\")).name or p for p in paths]
-    return [f"{b} ({i + 1})" if base.count(b) > 1 else b for i, b in enumerate(base)]
-
-
-def _load(source: str, device: str, dtype: str) -> tuple[Any, Any]:
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from ..persistence import install
-
-    install()  # aligned checkpoints (normalign_config.json) load patched
-    model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype, device_map=device)
-    return model, AutoProcessor.from_pretrained(source)
-
-
-def _main(args: argparse.Namespace) -> int:
-    """``normalign report`` (options, and the usage checks done before this runs, in hf_normalign.cli)."""
-    sources = [args.model, *args.compare]
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    probe = None
-    if args.images is not None:
-        from .probes import load_probe
-
-        probe = load_probe(args.images, args.texts, num_samples=args.num_samples, seed=args.seed)
-    models = {name: _load(src, device, args.dtype) for name, src in zip(_names(sources), sources, strict=True)}
-    report = build_report(
-        models,
-        args.out,
-        probe,
-        metrics=args.metrics,
-        num_samples=args.num_samples,
-        degradation_samples=args.degradation_samples,
-        batch_size=args.batch_size,
-        key_layers=args.key_layers,
-        max_key_samples=args.max_key_samples,
-        seed=args.seed,
-        title=args.title,
-        progress=not args.no_progress,
-    )
-    for name, values in report.summary.items():
-        emit(f"{name}: " + ", ".join(f"{k} {format_number(v)}" for k, v in values.items() if v is not None))
-    emit(f"wrote {report.html}, {report.json} and {len(report.plots)} plots")
-    return 0

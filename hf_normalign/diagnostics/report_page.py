@@ -18,9 +18,9 @@ from typing import Any
 
 from . import plots
 from .html import GLOSSARY, Raw, best_row, column_decimals, figure, format_fixed, glossary, page, section, table
-from .maths.mir_result import MIRResult
 from .metrics.degradation import DegradationResult
 from .metrics.keyspace import KeySpaceResult
+from .metrics.mir import MIRResult
 from .metrics.profile import ModalityProfile
 from .results import Result
 

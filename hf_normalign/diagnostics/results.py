@@ -30,11 +30,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-__all__ = ["Column", "Result", "Table", "json_float"]
+__all__ = ["Column", "Result", "Table", "first_last", "json_float", "mean"]
 
 _NON_FINITE = {"nan", "inf", "-inf"}
 
@@ -50,6 +50,19 @@ def json_float(x: float | None) -> float | str | None:
         return None
     x = float(x)
     return x if math.isfinite(x) else str(x)
+
+
+def first_last(values: Sequence[float] | None, layers: Sequence[int]) -> tuple[float | None, float | None]:
+    """(value at the LLM input, layer 0, if measured; value at the last layer), for a result's summary."""
+    if not values:
+        return None, None
+    return (values[0] if layers[0] == 0 else None), values[-1]
+
+
+def mean(values: Iterable[float]) -> float:
+    """The plain mean of ``values`` (a result's summary)."""
+    vals = list(values)
+    return sum(vals) / len(vals)
 
 
 def _encode(value: Any) -> Any:
@@ -96,6 +109,10 @@ class Result:
     ``KeySpaceResult``, ``DegradationResult``). Subclasses are dataclasses that set ``TABLES``."""
 
     TABLES: ClassVar[tuple[Table, ...]] = ()
+
+    def summary(self) -> dict[str, float | None]:
+        """The headline numbers of this result in the report's summary table (None: not measured)."""
+        return {}
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable dict (non-finite floats as strings); :meth:`from_dict` inverts it."""

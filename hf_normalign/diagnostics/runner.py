@@ -11,6 +11,12 @@ capture engine (:func:`~.engine.capture`) for it:
 3. the accumulators are merged on the main process in process order (every process calls ``run_probe``
    with the same arguments); the others get None.
 
+The model is resolved once (:class:`~hf_normalign.model_view.ModelView`) and the view goes to the engine and to
+every accumulator's :meth:`Accumulator.attach`. Several metrics over the same encoded probe run in one pass with
+:class:`CombinedAccumulator`: the forward captures the union of what they ask for, and each gets the batch it
+would have got alone (its layers, layer K before or after the final norm, its dtype and device), so each result
+equals the metric's own run exactly.
+
 Accumulators keep their results independent of the batch plan (rows are put back in probe order where order
 matters), so several processes give what one process gives to float64 round-off.
 
@@ -29,26 +35,37 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..model_view import ModelView
 from .engine import CaptureBatch, batch_plan, capture
 from .probes.encoding import EncodedSample
 
-__all__ = ["Accumulator", "CaptureRequest", "ProcessGroup", "RunOptions", "run_probe"]
+__all__ = [
+    "Accumulator",
+    "CaptureRequest",
+    "CombinedAccumulator",
+    "MetricRun",
+    "ProcessGroup",
+    "RunOptions",
+    "run_metrics",
+    "run_probe",
+]
 
 
 @dataclass(frozen=True)
 class CaptureRequest:
-    """What an accumulator needs from each batch: layer numbers (:mod:`.model_facts`), layer K after the final
-    norm or before it, ``k_proj`` outputs, the dtype and device of the captured rows."""
+    """What an accumulator needs from each batch: layer numbers (:class:`~hf_normalign.model_view.ModelView`),
+    layer K after the final norm or before it (``"both"``: both, :mod:`.engine`), ``k_proj`` outputs, the dtype and
+    device of the captured rows."""
 
     layers: tuple[int, ...]
-    final_norm: bool = True
+    final_norm: bool | str = True
     capture_keys: bool = False
     dtype: torch.dtype | None = torch.float32
     output_device: str | torch.device | None = None
@@ -102,8 +119,8 @@ class Accumulator(ABC):
     def result(self) -> Any:
         """The metric's result over everything added and merged."""
 
-    def attach(self, model: nn.Module, samples: Sequence[EncodedSample]) -> contextlib.AbstractContextManager[None]:
-        """Hooks the accumulator needs on ``model`` while a pass runs (removed on exit)."""
+    def attach(self, view: ModelView, samples: Sequence[EncodedSample]) -> contextlib.AbstractContextManager[None]:
+        """Hooks the accumulator needs on the model of ``view`` while a pass runs (removed on exit)."""
         return contextlib.nullcontext()
 
     def end_pass(self) -> None:  # noqa: B027 - optional: only multi-pass metrics override it
@@ -145,14 +162,103 @@ class ProcessGroup:
         return parts[0]
 
 
+class CombinedAccumulator(Accumulator):
+    """Several accumulators fed by one pass over the same probe (name -> accumulator).
+
+    The request is the union of theirs: every layer any of them wants, ``k_proj`` outputs if one wants them,
+    layer K both before and after the final norm when they disagree, rows in the model's dtype where they
+    device. Each part then gets the :class:`~.engine.CaptureBatch` it would have been given alone: its
+    layers, its version of layer K, its dtype and device (the same ``.to`` the engine applies), so its result
+    is what it gives in a pass of its own. Multi-pass parts (MIR with ``outliers="drop"``) take the later
+    passes alone; the forward still captures the union.
+
+    Example:
+        >>> from hf_normalign.diagnostics.metrics.profile import ProfileAccumulator
+        >>> both = CombinedAccumulator({"a": ProfileAccumulator([0, 1]), "b": ProfileAccumulator([1, 2])})
+        >>> both.request.layers
+        (0, 1, 2)
+    """
+
+    def __init__(self, parts: Mapping[str, Accumulator]) -> None:
+        if not parts:
+            raise ValueError("CombinedAccumulator needs at least one accumulator")
+        self.parts = dict(parts)
+        reqs = [acc.request for acc in self.parts.values()]
+        layers = sorted({k for r in reqs for k in r.layers})
+        norms = {r.final_norm for r in reqs if max(r.layers) == layers[-1]}  # only the deepest layer can be K
+        dtypes = {r.dtype for r in reqs}
+        devices = {r.output_device for r in reqs}
+        self.request = CaptureRequest(
+            tuple(layers),
+            final_norm="both" if len(norms) > 1 or "both" in norms else norms.pop(),
+            capture_keys=any(r.capture_keys for r in reqs),
+            dtype=dtypes.pop() if len(dtypes) == 1 else None,
+            output_device=devices.pop() if len(devices) == 1 else None,
+        )
+        self.passes = max(acc.passes for acc in self.parts.values())
+        self.current_pass = 0
+
+    def _active(self) -> dict[str, Accumulator]:
+        return {name: acc for name, acc in self.parts.items() if self.current_pass < acc.passes}
+
+    @contextlib.contextmanager
+    def attach(self, view: ModelView, samples: Sequence[EncodedSample]) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            for acc in self._active().values():
+                stack.enter_context(acc.attach(view, samples))
+            yield
+
+    def _view(self, batch: CaptureBatch, req: CaptureRequest) -> CaptureBatch:
+        """``batch`` as a run of ``req`` alone would have captured it."""
+
+        def rows(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device=req.output_device or t.device, dtype=req.dtype or t.dtype)
+
+        vision = {k: batch.vision[k] for k in req.layers}
+        text = {k: batch.text[k] for k in req.layers}
+        if req.final_norm is True and batch.vision_normed is not None and req.layers[-1] == self.request.layers[-1]:
+            vision[req.layers[-1]], text[req.layers[-1]] = batch.vision_normed, batch.text_normed
+        keys = [k for k in req.layers if k > 0] if req.capture_keys else []
+        return CaptureBatch(
+            layers=list(req.layers),
+            vision={k: rows(v) for k, v in vision.items()},
+            text={k: rows(t) for k, t in text.items()},
+            vision_sample=batch.vision_sample,
+            vision_patch=batch.vision_patch,
+            text_sample=batch.text_sample,
+            text_token=batch.text_token,
+            sample_indices=batch.sample_indices,
+            vision_keys={k: rows(batch.vision_keys[k]) for k in keys},
+            text_keys={k: rows(batch.text_keys[k]) for k in keys},
+        )
+
+    def update(self, batch: CaptureBatch) -> None:
+        for acc in self._active().values():
+            acc.update(self._view(batch, acc.request))
+
+    def merge(self, other: CombinedAccumulator) -> None:
+        for name, acc in self.parts.items():
+            acc.merge(other.parts[name])
+
+    def end_pass(self) -> None:
+        for acc in self._active().values():
+            if self.current_pass < acc.passes - 1:
+                acc.end_pass()
+        self.current_pass += 1
+
+    def result(self) -> dict[str, Accumulator]:
+        """The parts, merged: each turns into its metric's result as it would alone."""
+        return self.parts
+
+
 def _batches(
-    model: nn.Module, processor: Any, samples: list[EncodedSample], acc: Accumulator, run: RunOptions, mine: list
+    view: ModelView, processor: Any, samples: list[EncodedSample], acc: Accumulator, run: RunOptions, mine: list
 ) -> Iterator[CaptureBatch]:
     if not mine:  # a process without a batch (more processes than batches) still takes part in the merge
         return iter(())
     req = acc.request
     return capture(
-        model,
+        view,
         processor,
         samples,
         layers=list(req.layers),
@@ -169,7 +275,7 @@ def _batches(
 
 
 def run_probe(
-    model: nn.Module,
+    model: nn.Module | ModelView,
     processor: Any,
     samples: Sequence[EncodedSample],
     accumulator: Accumulator,
@@ -177,8 +283,10 @@ def run_probe(
     *,
     accelerator: Any = None,
 ) -> Any:
-    """Run ``model`` over the encoded ``samples`` into ``accumulator``; returns it merged over the processes of
-    ``accelerator`` on the main process, None on the others (module docstring)."""
+    """Run ``model`` (or its :class:`~hf_normalign.model_view.ModelView`) over the encoded ``samples`` into
+    ``accumulator``; returns it merged over the processes of ``accelerator`` on the main process, None on the
+    others (module docstring)."""
+    view = ModelView.of(model)
     run = run or RunOptions()
     samples = list(samples)
     group = ProcessGroup(accelerator)
@@ -186,10 +294,88 @@ def run_probe(
     mine = group.shard(plan)
     acc: Accumulator | None = accumulator
     for index in range(accumulator.passes):
-        with acc.attach(model, samples):
-            for batch in _batches(model, processor, samples, acc, run, mine):
+        with acc.attach(view, samples):
+            for batch in _batches(view, processor, samples, acc, run, mine):
                 acc.update(batch)
         if index < accumulator.passes - 1:
             acc = group.merged(acc, everywhere=True)
             acc.end_pass()
     return group.merged(acc, everywhere=False)
+
+
+class MetricRun(ABC):
+    """One metric prepared for one model and probe (the contract every metric keeps): its ``name``, the encoded
+    ``samples`` it runs over, a fresh :meth:`accumulator`, and :meth:`finish`, the result from the accumulator
+    merged over the probe. :meth:`run` runs it alone; :func:`run_metrics` runs several, sharing probe passes.
+    ``shareable=False`` marks a run that needs passes of its own (MIR's layer groups under a memory budget)."""
+
+    name: str
+    samples: list[EncodedSample]
+    shareable: bool = True
+
+    @abstractmethod
+    def accumulator(self) -> Accumulator:
+        """A fresh accumulator of this metric."""
+
+    @abstractmethod
+    def finish(self, merged: Any) -> Any:
+        """The metric's result from its accumulator merged over every process."""
+
+    def run(self, model: nn.Module | ModelView, processor: Any, run: RunOptions, accelerator: Any = None) -> Any:
+        """The metric in passes of its own (what its public function does); None off the main process."""
+        merged = run_probe(model, processor, self.samples, self.accumulator(), run, accelerator=accelerator)
+        return None if merged is None else self.finish(merged)
+
+
+def _same_samples(a: Sequence[EncodedSample], b: Sequence[EncodedSample]) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+
+
+def run_metrics(
+    model: nn.Module | ModelView,
+    processor: Any,
+    metrics: Sequence[MetricRun],
+    run: RunOptions | None = None,
+    *,
+    accelerator: Any = None,
+) -> dict[str, Any]:
+    """Run prepared metrics with as few probe passes as possible: shareable metrics over the same encoded samples
+    (the same objects) run in one pass (:class:`CombinedAccumulator`); each result equals the metric's own run.
+    Returns name -> result (None on the processes other than the main one).
+
+    Example:
+        >>> from hf_normalign.testing import tiny_model, tiny_processor
+        >>> from hf_normalign.diagnostics import MIROptions, RunOptions, mir_run, profile_run
+        >>> from hf_normalign.diagnostics.probes import prepare_probe
+        >>> model, processor = tiny_model("llava"), tiny_processor("llava")
+        >>> samples = prepare_probe(processor, None, num_samples=4)
+        >>> prepared = [profile_run(model, processor, samples=samples), mir_run(model, processor, samples=samples)]
+        >>> out = run_metrics(model, processor, prepared, RunOptions(progress=False))  # one pass: the probe is shared
+        >>> sorted(out), out["mir"].layers
+        (['mir', 'profile'], [1, 2])
+    """
+    names = [m.name for m in metrics]
+    if len(set(names)) != len(names):
+        raise ValueError(f"run_metrics needs one prepared run per metric name, got {names}")
+    view = ModelView.of(model)
+    run = run or RunOptions()
+    groups: list[list[MetricRun]] = []
+    for metric in metrics:
+        shares = [
+            g for g in groups if metric.shareable and g[0].shareable and _same_samples(g[0].samples, metric.samples)
+        ]
+        home = shares[0] if shares else None
+        if home is None:
+            groups.append([metric])
+        else:
+            home.append(metric)
+    results: dict[str, Any] = {}
+    for group in groups:
+        if len(group) == 1:
+            results[group[0].name] = group[0].run(view, processor, run, accelerator)
+            continue
+        combined = CombinedAccumulator({m.name: m.accumulator() for m in group})
+        merged = run_probe(view, processor, group[0].samples, combined, run, accelerator=accelerator)
+        for m in group:
+            results[m.name] = None if merged is None else m.finish(merged.parts[m.name])
+    return {m.name: results[m.name] for m in metrics}

@@ -2,8 +2,8 @@
 
 - :mod:`.features`: input checks shared by every measure;
 - :mod:`.frechet`: Gaussian moments and the Frechet distance;
-- :mod:`.mir`: MIR from features (text scale, streaming moments), its result (:mod:`.mir_result`) and outlier
-  rules (:mod:`.outliers`);
+- :mod:`.mir`: MIR from features (text scale, streaming moments) as plain numbers, and outlier rules
+  (:mod:`.outliers`); the result class is ``metrics.mir.MIRResult``;
 - :mod:`.norms`: per-token norm statistics and adjacent-layer cosines;
 - :mod:`.mmd`: MMD with an RBF kernel, its bandwidth, seeded subsets;
 - :mod:`.keyspace`: shared-PCA histograms and their JSD, t-SNE, the key-space options and one layer's numbers;

@@ -12,7 +12,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +23,7 @@ from .features import as_features
 
 __all__ = [
     "ContrastStats",
+    "DegradationOptions",
     "contrast_from_sums",
     "contrast_ratio",
     "contrast_sums",
@@ -272,3 +273,55 @@ def patch_labels_for_grid(label_map: Any, rows: int, cols: int, *, min_coverage:
             if counts[best] >= min_coverage * cell.size:
                 out[r * cols + c] = values[best]
     return out
+
+
+@dataclass(frozen=True)
+class DegradationOptions:
+    """The choices behind the degradation numbers, validated on construction: linear-probe folds, ridge and
+    seed (:func:`linear_probe_accuracy`), the correlation axis, the share of a token's
+    cell an object must cover to label the token, the layers (hidden-state numbers 0..K; default all, 0
+    included), layer K before (``final_norm=False``, default) or after the final norm, and ``token_grid``
+    (:func:`~..metrics.degradation.visual_degradation`).
+
+    Example:
+        >>> DegradationOptions(folds=1)
+        Traceback (most recent call last):
+        ...
+        ValueError: folds must be >= 2, got 1
+    """
+
+    folds: int = 5
+    ridge: float = 0.1
+    corr_axis: str = "features"
+    seed: int = 0
+    min_coverage: float = 1 / 3
+    layers: tuple[int, ...] | None = None
+    final_norm: bool = False
+    token_grid: Callable[[int], tuple[int, int, int] | None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
+        if self.folds < 2:
+            raise ValueError(f"folds must be >= 2, got {self.folds}")
+        if not self.ridge > 0:
+            raise ValueError(f"ridge must be > 0, got {self.ridge}")
+        if self.corr_axis not in ("features", "samples"):
+            raise ValueError(f"corr_axis must be 'features' or 'samples', got {self.corr_axis!r}")
+        if not 0 < self.min_coverage <= 1:
+            raise ValueError(f"min_coverage must be in (0, 1], got {self.min_coverage}")
+
+    def settings(self) -> dict[str, Any]:
+        """How the numbers were computed, for ``DegradationResult.settings``."""
+        return {
+            "pooling": "mean over the vision tokens of each image",
+            "effective_dim": "participation ratio (sum lambda)^2 / sum lambda^2 of the pooled-feature covariance",
+            "corr_axis": self.corr_axis,
+            "contrast_ratio": "cohesion / coupling (the paper's); cosine pairs within one image; -1 labels ignored",
+            "contrast_ratio_shifted": "(1 + cohesion) / (1 + coupling)",
+            "offdiag_corr": "mean |r| off the diagonal; offdiag_corr_signed: mean r",
+            "linear_probe": f"ridge (closed form) on standardised pooled features, {self.folds}-fold stratified CV",
+            "folds": self.folds,
+            "ridge": self.ridge,
+            "seed": self.seed,
+        }

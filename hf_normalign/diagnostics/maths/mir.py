@@ -28,9 +28,12 @@ Example:
     >>> g = torch.Generator().manual_seed(0)
     >>> vision = [torch.randn(300, 16, generator=g) + 2.0 for _ in range(3)]
     >>> text = [torch.randn(200, 16, generator=g) for _ in range(3)]
-    >>> res = mir_from_features(vision, text)
-    >>> len(res.per_layer), res.layers
+    >>> res = mir_parts(vision, text)
+    >>> len(res["per_layer"]), res["layers"]
     (3, [0, 1, 2])
+
+The numbers come as plain dicts (the fields of :class:`~..metrics.mir.MIRResult`); the result class, the public
+``mir_from_features`` and ``StreamingMIR`` (returning it) are in :mod:`..metrics.mir`.
 """
 
 from __future__ import annotations
@@ -51,10 +54,9 @@ from .frechet import (
     frechet_from_moments,
     to_f64,
 )
-from .mir_result import MIRResult
 from .outliers import median, outlier_bounds, outlier_mask
 
-__all__ = ["OUTLIER_MODES", "OUTLIER_STATS", "MIRResult", "StreamingMIR", "mir_from_features"]
+__all__ = ["OUTLIER_MODES", "OUTLIER_STATS", "StreamingMIRStats", "mir_parts"]
 
 OUTLIER_MODES: tuple[str, ...] = ("replace_median", "iqr", "drop", "none")
 STREAMING_OUTLIER_MODES: tuple[str, ...] = ("drop", "none")
@@ -161,7 +163,7 @@ def _text_scale(text_norm_sum: float, count: int, name: str) -> float:
     return count / text_norm_sum
 
 
-def mir_from_features(
+def mir_parts(
     vision_layers: Sequence[Any],
     text_layers: Sequence[Any],
     *,
@@ -174,8 +176,9 @@ def mir_from_features(
     outlier_stats: str = "torch",
     text_scale: bool = True,
     extra_settings: Mapping[str, Any] | None = None,
-) -> MIRResult:
-    """MIR from per-layer features: ``vision_layers[k]`` [n_k, d], ``text_layers[k]`` [m_k, d].
+) -> dict[str, Any]:
+    """MIR from per-layer features: ``vision_layers[k]`` [n_k, d], ``text_layers[k]`` [m_k, d]; the fields of a
+    :class:`~..metrics.mir.MIRResult` (``metrics.mir.mir_from_features`` returns the result).
 
     Features may be torch tensors (any float dtype, any device; computed in float64 there) or numpy
     arrays. ``outlier_threshold`` is the width of the outlier test (default 3 standard deviations,
@@ -192,8 +195,8 @@ def mir_from_features(
         >>> rng = np.random.default_rng(0)
         >>> v = [rng.normal(size=(200, 8)) + 1 for _ in range(2)]
         >>> t = [rng.normal(size=(150, 8)) for _ in range(2)]
-        >>> res = mir_from_features(v, t, outliers="drop", layer_indices=[5, 6], num_samples=4)
-        >>> res.layers, res.settings["outliers"]
+        >>> res = mir_parts(v, t, outliers="drop", layer_indices=[5, 6], num_samples=4)
+        >>> res["layers"], res["settings"]["outliers"]
         ([5, 6], 'drop')
     """
     _check_modes(outliers, sqrt, log_base, OUTLIER_MODES, outlier_stats)
@@ -228,18 +231,18 @@ def mir_from_features(
         out_vis.append(int(mask_v.sum()) if outliers != "none" else 0)
         out_txt.append(int(mask_t.sum()) if outliers != "none" else 0)
         scales.append(alpha)
-    return MIRResult(
-        mir=_mir_value(per_layer, log_base),
-        per_layer=per_layer,
-        layers=layers,
-        num_samples=num_samples,
-        settings=_settings(outliers, threshold, outlier_stats, text_scale, sqrt, log_base, False, extra_settings),
-        num_vision_tokens=n_vis,
-        num_text_tokens=n_txt,
-        num_vision_outliers=out_vis,
-        num_text_outliers=out_txt,
-        text_scale=scales,
-    )
+    return {
+        "mir": _mir_value(per_layer, log_base),
+        "per_layer": per_layer,
+        "layers": layers,
+        "num_samples": num_samples,
+        "settings": _settings(outliers, threshold, outlier_stats, text_scale, sqrt, log_base, False, extra_settings),
+        "num_vision_tokens": n_vis,
+        "num_text_tokens": n_txt,
+        "num_vision_outliers": out_vis,
+        "num_text_outliers": out_txt,
+        "text_scale": scales,
+    }
 
 
 @dataclass
@@ -259,8 +262,9 @@ class _LayerState:
     text_outliers: int = 0
 
 
-class StreamingMIR:
-    """MIR accumulated batch by batch, with memory that does not grow with the data beyond scalars.
+class StreamingMIRStats:
+    """MIR accumulated batch by batch, with memory that does not grow with the data beyond scalars; :meth:`parts`
+    gives the fields of a :class:`~..metrics.mir.MIRResult` (``metrics.mir.StreamingMIR`` returns the result).
 
     Per layer it keeps float64 running moments of vision and text features (O(d^2)) and the sum of
     text-token norms. The text-centric scale alpha = 1 / mean text norm is known only at the end, so
@@ -273,8 +277,7 @@ class StreamingMIR:
     of the rows that pass the test (statistics per ``outlier_stats``). The caller runs its feature
     capture twice over the same data (any order, any batching). ``"replace_median"`` and ``"iqr"``
     need the per-dimension median of all rows, which no bounded-memory pass gives: use
-    :func:`mir_from_features` for them. Results equal
-    :func:`mir_from_features` with the same mode to rounding (~1e-12 relative).
+    :func:`mir_parts` for them. Results equal :func:`mir_parts` with the same mode to rounding (~1e-12 relative).
 
     Moments live on ``device`` (default: the device of the first batch): 2 * d^2 float64 per layer,
     268 MB per layer at d=4096; pass ``device="cpu"`` to keep them off the GPU.
@@ -285,13 +288,13 @@ class StreamingMIR:
         >>> def batch():  # one layer: 40 vision and 30 text tokens
         ...     return [torch.randn(40, 8, generator=g) + 1], [torch.randn(30, 8, generator=g)]
         >>> batches = [batch() for _ in range(5)]
-        >>> acc = StreamingMIR(outliers="drop")
+        >>> acc = StreamingMIRStats(outliers="drop")
         >>> for _ in range(acc.passes_required):
         ...     for vision, text in batches:
         ...         acc.update(vision, text, num_samples=1)
         ...     acc.end_pass()
-        >>> res = acc.result()
-        >>> res.num_samples, res.settings["streaming"]
+        >>> res = acc.parts()
+        >>> res["num_samples"], res["settings"]["streaming"]
         (5, True)
     """
 
@@ -379,7 +382,7 @@ class StreamingMIR:
                 state.vision.update(v[~mask_v])
                 state.text.update(t[~mask_t])
 
-    def merge(self, other: StreamingMIR) -> StreamingMIR:
+    def merge(self, other: StreamingMIRStats) -> StreamingMIRStats:
         """Fold in ``other``, an accumulator of the same settings over another part of the data (another process),
         in the same pass and before either closed it; exact (Chan's pairwise update), returns ``self``.
 
@@ -444,8 +447,8 @@ class StreamingMIR:
                     )
         self.current_pass += 1
 
-    def result(self) -> MIRResult:
-        """The MIR of everything fed so far; ends the last pass if it is still open."""
+    def parts(self) -> dict[str, Any]:
+        """The MIR of everything fed so far (the result's fields); ends the last pass if it is still open."""
         if self.current_pass == self.passes_required - 1 and self._layers is not None:
             self.end_pass()
         if self._layers is None or self.current_pass < self.passes_required:
@@ -470,7 +473,7 @@ class StreamingMIR:
                 )
             )
             scales.append(alpha)
-        return MIRResult(
+        return dict(
             mir=_mir_value(per_layer, self.log_base),
             per_layer=per_layer,
             layers=_layer_indices(self._layer_indices, len(self._layers)),

@@ -40,6 +40,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -50,9 +51,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ...modeling import get_base_model
+from ...model_view import ModelView
 from ..engine import CaptureBatch
 from ..maths.degradation import (
+    DegradationOptions,
     contrast_from_sums,
     contrast_sums,
     linear_probe_accuracy,
@@ -61,18 +63,20 @@ from ..maths.degradation import (
     participation_ratio,
 )
 from ..maths.features import as_features
-from ..model_facts import resolve_layers
-from ..probes.encoding import prepare_probe
+from ..options import UNSET, merge_options
+from ..probes.encoding import EncodedSample, prepare_probe
 from ..probes.shapes import resolve_labelled
-from ..results import Column, Result, Table
-from ..runner import Accumulator, CaptureRequest, RunOptions, run_probe
+from ..results import Column, Result, Table, first_last
+from ..runner import Accumulator, CaptureRequest, MetricRun, RunOptions
 from .token_grid import batch_patch_labels, token_grid
 
 __all__ = [
     "DegradationAccumulator",
     "DegradationOptions",
     "DegradationResult",
+    "DegradationRun",
     "degradation_from_features",
+    "degradation_run",
     "visual_degradation",
 ]
 
@@ -141,50 +145,15 @@ class DegradationResult(Result):
         chance = f", probe chance {self.probe_chance:.3f}" if self.probe_chance is not None else ""
         return f"DegradationResult ({self.num_images} images{chance})\n{self.format_table()}"
 
-
-@dataclass(frozen=True)
-class DegradationOptions:
-    """The choices behind the degradation numbers, validated on construction: linear-probe folds, ridge and
-    seed (:func:`~..maths.degradation.linear_probe_accuracy`), the correlation axis, the share of a token's
-    cell an object must cover to label the token.
-
-    Example:
-        >>> DegradationOptions(folds=1)
-        Traceback (most recent call last):
-        ...
-        ValueError: folds must be >= 2, got 1
-    """
-
-    folds: int = 5
-    ridge: float = 0.1
-    corr_axis: str = "features"
-    seed: int = 0
-    min_coverage: float = 1 / 3
-
-    def __post_init__(self) -> None:
-        if self.folds < 2:
-            raise ValueError(f"folds must be >= 2, got {self.folds}")
-        if not self.ridge > 0:
-            raise ValueError(f"ridge must be > 0, got {self.ridge}")
-        if self.corr_axis not in ("features", "samples"):
-            raise ValueError(f"corr_axis must be 'features' or 'samples', got {self.corr_axis!r}")
-        if not 0 < self.min_coverage <= 1:
-            raise ValueError(f"min_coverage must be in (0, 1], got {self.min_coverage}")
-
-    def settings(self) -> dict[str, Any]:
-        """How the numbers were computed, for ``DegradationResult.settings``."""
-        return {
-            "pooling": "mean over the vision tokens of each image",
-            "effective_dim": "participation ratio (sum lambda)^2 / sum lambda^2 of the pooled-feature covariance",
-            "corr_axis": self.corr_axis,
-            "contrast_ratio": "cohesion / coupling (the paper's); cosine pairs within one image; -1 labels ignored",
-            "contrast_ratio_shifted": "(1 + cohesion) / (1 + coupling)",
-            "offdiag_corr": "mean |r| off the diagonal; offdiag_corr_signed: mean r",
-            "linear_probe": f"ridge (closed form) on standardised pooled features, {self.folds}-fold stratified CV",
-            "folds": self.folds,
-            "ridge": self.ridge,
-            "seed": self.seed,
-        }
+    def summary(self) -> dict[str, float | None]:
+        """Headline numbers for the report: effective dimension, contrast ratio and probe accuracy at the LLM
+        input and the last layer, and the probe's chance level."""
+        out: dict[str, float | None] = {}
+        out["effective_dim_input"], out["effective_dim_last"] = first_last(self.effective_dim, self.layers)
+        out["contrast_ratio_input"], out["contrast_ratio_last"] = first_last(self.contrast_ratio, self.layers)
+        out["probe_accuracy_input"], out["probe_accuracy_last"] = first_last(self.probe_accuracy, self.layers)
+        out["probe_chance"] = self.probe_chance
+        return out
 
 
 class DegradationAccumulator(Accumulator):
@@ -221,9 +190,9 @@ class DegradationAccumulator(Accumulator):
         self.labelled = 0
 
     @contextlib.contextmanager
-    def attach(self, model: nn.Module, samples: Sequence[Any]) -> Iterator[None]:
-        self._grid_of = self._token_grid or functools.partial(token_grid, model)
-        self._model_type = getattr(get_base_model(model).config, "model_type", "this model")
+    def attach(self, view: ModelView, samples: Sequence[Any]) -> Iterator[None]:
+        self._grid_of = self._token_grid or functools.partial(token_grid, view)
+        self._model_type = getattr(view.config, "model_type", "this model")
         try:
             yield
         finally:
@@ -369,6 +338,65 @@ def degradation_from_features(
     return acc.result()
 
 
+class DegradationRun(MetricRun):
+    """:func:`visual_degradation` prepared for one model and probe (:class:`~..runner.MetricRun`)."""
+
+    name = "degradation"
+
+    def __init__(self, samples: list[EncodedSample], layers: list[int], options: DegradationOptions, data: Any,
+                 settings: dict) -> None:  # fmt: skip
+        self.samples, self.layers, self.options, self.data, self.settings = samples, layers, options, data, settings
+
+    def accumulator(self) -> DegradationAccumulator:
+        # The grid callable (often a lambda) is kept out of the options the accumulator carries between processes.
+        return DegradationAccumulator(
+            self.layers,
+            dataclasses.replace(self.options, token_grid=None),
+            final_norm=self.options.final_norm,
+            image_labels=self.data.image_labels,
+            class_names=self.data.class_names,
+            label_maps=self.data.label_maps,
+            token_grid=self.options.token_grid,
+        )
+
+    def finish(self, merged: DegradationAccumulator) -> DegradationResult:
+        return merged.result(settings=self.settings)
+
+
+def degradation_run(
+    model: nn.Module | ModelView,
+    processor: Any,
+    probe: Any = None,
+    *,
+    image_labels: Sequence[int] | None = None,
+    label_maps: Sequence[Any] | None = None,
+    num_samples: int | None = 60,
+    seed: int = 0,
+    prompt: str | None = None,
+    options: DegradationOptions | None = None,
+    run: RunOptions | None = None,
+    samples: list[EncodedSample] | None = None,
+) -> DegradationRun:
+    """The degradation metrics prepared, not run (arguments: :func:`visual_degradation`); give it to
+    :func:`~..runner.run_metrics` to share a probe pass with other metrics over the same samples.
+    ``samples``: the probe already encoded (``prepare_probe(processor, probe, num_samples=..., seed=...,
+    prompt=...)``), to share one encoding (and so one pass) between metrics.
+    """
+    view, run = ModelView.of(model), run or RunOptions()
+    options = options or DegradationOptions(seed=seed)
+    selected = view.resolve_layers(options.layers, include_embeddings=options.layers is None)
+    data = resolve_labelled(probe, image_labels, label_maps, num_samples, seed)
+    if samples is None:
+        samples = prepare_probe(processor, data.samples, seed=seed, prompt=prompt, progress=run.progress)
+    settings = {
+        "final_norm": options.final_norm,
+        "probe": data.name,
+        "batch_size": run.batch_size,
+        "min_coverage": options.min_coverage,
+    }
+    return DegradationRun(samples, selected, options, data, settings)
+
+
 def visual_degradation(
     model: nn.Module,
     processor: Any,
@@ -378,18 +406,20 @@ def visual_degradation(
     label_maps: Sequence[Any] | None = None,
     num_samples: int | None = 60,
     seed: int = 0,
-    layers: Iterable[int] | None = None,
-    batch_size: int = 8,
-    final_norm: bool = False,
-    folds: int = 5,
-    ridge: float = 0.1,
-    corr_axis: str = "features",
-    min_coverage: float = 1 / 3,
-    token_grid: Callable[[int], tuple[int, int, int] | None] | None = None,
-    device: str | torch.device | None = None,
+    layers: Iterable[int] | None = UNSET,
+    batch_size: int = UNSET,
+    final_norm: bool = UNSET,
+    folds: int = UNSET,
+    ridge: float = UNSET,
+    corr_axis: str = UNSET,
+    min_coverage: float = UNSET,
+    token_grid: Callable[[int], tuple[int, int, int] | None] | None = UNSET,
+    device: str | torch.device | None = UNSET,
     prompt: str | None = None,
-    progress: bool = True,
+    progress: bool = UNSET,
     accelerator: Any = None,
+    options: DegradationOptions | None = None,
+    run: RunOptions | None = None,
 ) -> DegradationResult | None:
     """Visual degradation of ``model`` across depth (default probe: :func:`shapes_probe`, labelled).
 
@@ -401,20 +431,22 @@ def visual_degradation(
         image_labels / label_maps: labels for a plain probe: a class per pair, and an [H, W] map of
             object ids per pair (-1 = background) over the image as the processor sees it (square images
             are safest: a centre crop would shift the map).
-        num_samples, seed: pairs used (a seeded subset, labels kept aligned).
-        layers: hidden-state numbers 0..K (default all, 0 = the LLM input).
-        final_norm: False (default) takes layer K before the final norm, like the other layers.
-        folds, ridge: linear probe (:func:`linear_probe_accuracy`).
-        corr_axis: see :func:`mean_abs_offdiag_correlation`.
-        min_coverage: share of a token's cell an object must cover to label the token.
-        token_grid: maps the number of vision tokens of an image to (first token, rows, cols) of the
-            row-major token grid covering the whole image; default :func:`token_grid` (square grids, and the
-            overview tile of a spec with ``vision_grid="overview_tile"``). Without a grid the contrast ratio is
-            skipped (warning).
-        device, prompt: passed to :func:`~..engine.capture`.
-        progress: tqdm progress bars.
+        num_samples, seed: pairs used (a seeded subset, labels kept aligned); ``seed`` also seeds the linear
+            probe unless ``options`` is given (then ``options.seed`` does).
+        layers, final_norm, folds, ridge, corr_axis, min_coverage, token_grid: :class:`DegradationOptions`
+            (defaults there). layers: hidden-state numbers 0..K (default all, 0 = the LLM input).
+            final_norm: False (default) takes layer K before the final norm, like the other layers.
+            folds, ridge: linear probe (:func:`linear_probe_accuracy`). corr_axis: see
+            :func:`mean_abs_offdiag_correlation`. min_coverage: share of a token's cell an object must cover
+            to label the token. token_grid: maps the number of vision tokens of an image to (first token,
+            rows, cols) of the row-major token grid covering the whole image; default :func:`token_grid`
+            (square grids, and the overview tile of a spec with ``vision_grid="overview_tile"``). Without a
+            grid the contrast ratio is skipped (warning).
+        batch_size, device, progress: :class:`~..runner.RunOptions` (8, the input embedding's device, on).
+        prompt: passed to :func:`~..probes.encoding.prepare_probe`.
         accelerator: an ``accelerate.Accelerator`` of several processes: the probe is split across them and
             the pooled features merged on the main process (:mod:`..runner`); the others return None.
+        options / run: the options as dataclasses; a keyword that is passed overrides its field.
 
     Example:
         >>> from hf_normalign.testing import tiny_model, tiny_processor
@@ -423,22 +455,13 @@ def visual_degradation(
         >>> r.layers, r.num_classes
         ([0, 1, 2], 3)
     """
-    options = DegradationOptions(folds, ridge, corr_axis, seed, min_coverage)
-    selected = resolve_layers(model, layers, include_embeddings=layers is None)
-    data = resolve_labelled(probe, image_labels, label_maps, num_samples, seed)
-    samples = prepare_probe(processor, data.samples, seed=seed, prompt=prompt, progress=progress)
-    acc = DegradationAccumulator(
-        selected,
-        options,
-        final_norm=final_norm,
-        image_labels=data.image_labels,
-        class_names=data.class_names,
-        label_maps=data.label_maps,
-        token_grid=token_grid,
-    )
-    run = RunOptions(batch_size=batch_size, device=device, progress=progress)
-    merged = run_probe(model, processor, samples, acc, run, accelerator=accelerator)
-    if merged is None:  # another process than the main one
-        return None
-    settings = {"final_norm": final_norm, "probe": data.name, "batch_size": batch_size, "min_coverage": min_coverage}
-    return merged.result(settings=settings)
+    view = ModelView.of(model)
+    options = merge_options(
+        DegradationOptions, options if options is not None else DegradationOptions(seed=seed),
+        layers=layers, final_norm=final_norm, folds=folds, ridge=ridge, corr_axis=corr_axis,
+        min_coverage=min_coverage, token_grid=token_grid,
+    )  # fmt: skip
+    run = merge_options(RunOptions, run, batch_size=batch_size, device=device, progress=progress)
+    prepared = degradation_run(view, processor, probe, image_labels=image_labels, label_maps=label_maps,
+                               num_samples=num_samples, seed=seed, prompt=prompt, options=options, run=run)  # fmt: skip
+    return prepared.run(view, processor, run, accelerator)

@@ -11,9 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...modeling import get_base_model
-from ...registry import get_spec
-from ..model_facts import vision_token_ids
+from ...model_view import ModelView
 
 __all__ = ["KeyTransform"]
 
@@ -28,14 +26,13 @@ class KeyTransform:
     the same operations attention applies, on the selected rows only.
     """
 
-    def __init__(self, model: nn.Module, layers: Sequence[int], samples: Sequence[Any], space: str) -> None:
-        base = get_base_model(model)
-        decoder = get_spec(base).decoder_layers(base)
+    def __init__(self, view: ModelView, layers: Sequence[int], samples: Sequence[Any], space: str) -> None:
+        decoder = view.layers
         self.space = space
         self.attentions = {k: decoder[k - 1].self_attn for k in layers}
         self.normed = [k for k, attn in self.attentions.items() if getattr(attn, "k_norm", None) is not None]
         self.seen: dict[int, tuple[torch.dtype, Any]] = {}
-        ids = torch.tensor(vision_token_ids(model))
+        ids = torch.tensor(view.vision_token_ids)
         # Positions of the vision / text rows of every sample, in the order capture yields them.
         self.vision_pos = [
             (torch.isin(s.input_ids, ids) & s.inputs.get("attention_mask", torch.ones(1, 1))[0].bool())

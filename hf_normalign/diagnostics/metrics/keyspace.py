@@ -63,15 +63,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...model_view import ModelView
 from ..engine import CaptureBatch
 from ..maths.features import as_features
 from ..maths.keyspace import KeySpaceOptions, layer_gap
 from ..maths.mmd import subsample
 from ..maths.reservoir import Reservoir
-from ..model_facts import resolve_layers, vision_token_ids
+from ..options import UNSET, merge_options
 from ..probes.encoding import EncodedSample, prepare_probe, probe_description
-from ..results import Column, Result, Table
-from ..runner import Accumulator, CaptureRequest, RunOptions, run_probe
+from ..results import Column, Result, Table, mean
+from ..runner import Accumulator, CaptureRequest, MetricRun, RunOptions
 from .key_transform import KeyTransform
 
 __all__ = [
@@ -79,8 +80,10 @@ __all__ = [
     "KeySpaceAccumulator",
     "KeySpaceOptions",
     "KeySpaceResult",
+    "KeySpaceRun",
     "key_space_from_features",
     "key_space_gap",
+    "key_space_run",
     "layer_gap",
 ]
 
@@ -162,6 +165,12 @@ class KeySpaceResult(Result):
 
     def __str__(self) -> str:
         return f"KeySpaceResult ({self.num_samples} samples; V|V, T|T = random halves)\n{self.format_table()}"
+
+    def summary(self) -> dict[str, float | None]:
+        """Headline numbers for the report: the mean MMD^2 across layers, its intra-modal baseline (mean of the
+        two halves' MMD^2) and the mean JSD."""
+        intra = (0.5 * (a + b) for a, b in zip(self.mmd2_vision_halves, self.mmd2_text_halves, strict=True))
+        return {"key_mmd2_mean": mean(self.mmd2), "key_mmd2_intra_mean": mean(intra), "key_jsd_mean": mean(self.jsd)}
 
 
 def _result(
@@ -278,9 +287,9 @@ class KeySpaceAccumulator(Accumulator):
         self._transform: KeyTransform | None = None
 
     @contextlib.contextmanager
-    def attach(self, model: nn.Module, samples: Sequence[EncodedSample]) -> Iterator[None]:
+    def attach(self, view: ModelView, samples: Sequence[EncodedSample]) -> Iterator[None]:
         if not self._offsets:  # priorities of every row of the probe, in probe order
-            ids = torch.tensor(vision_token_ids(model))
+            ids = torch.tensor(view.vision_token_ids)
             counts = {
                 "vision": [int((torch.isin(s.input_ids, ids) & _attended(s)).sum()) for s in samples],
                 "text": [s.num_text_tokens for s in samples],
@@ -293,7 +302,7 @@ class KeySpaceAccumulator(Accumulator):
         if self.keys == "k_proj":
             yield
             return
-        self._transform = KeyTransform(model, self.layers, samples, self.keys)
+        self._transform = KeyTransform(view, self.layers, samples, self.keys)
         self.description = self._transform.describe()
         try:
             with self._transform.hooks():
@@ -332,6 +341,53 @@ def _attended(sample: EncodedSample) -> torch.Tensor:
     return sample.inputs.get("attention_mask", torch.ones(1, 1))[0].bool()
 
 
+class KeySpaceRun(MetricRun):
+    """:func:`key_space_gap` prepared for one model and probe (:class:`~..runner.MetricRun`)."""
+
+    name = "key_space"
+
+    def __init__(
+        self, samples: list[EncodedSample], layers: list[int], options: KeySpaceOptions, keys: str, settings: dict
+    ) -> None:
+        self.samples, self.layers, self.options, self.keys, self.settings = samples, layers, options, keys, settings
+
+    def accumulator(self) -> KeySpaceAccumulator:
+        return KeySpaceAccumulator(self.layers, self.options, keys=self.keys)
+
+    def finish(self, merged: KeySpaceAccumulator) -> KeySpaceResult:
+        return merged.result(num_samples=len(self.samples), settings=self.settings)
+
+
+def key_space_run(
+    model: nn.Module | ModelView,
+    processor: Any,
+    probe: Any = None,
+    layers: Iterable[int] | None = None,
+    *,
+    num_samples: int | None = 100,
+    seed: int = 0,
+    prompt: str | None = None,
+    keys: str = "k_proj",
+    options: KeySpaceOptions | None = None,
+    run: RunOptions | None = None,
+    samples: list[EncodedSample] | None = None,
+) -> KeySpaceRun:
+    """The key-space gap prepared, not run (arguments: :func:`key_space_gap`); give it to
+    :func:`~..runner.run_metrics` to share a probe pass with other metrics.
+    ``samples``: the probe already encoded (``prepare_probe(processor, probe, num_samples=..., seed=...,
+    prompt=...)``), to share one encoding (and so one pass) between metrics.
+    """
+    view, options, run = ModelView.of(model), options or KeySpaceOptions(seed=seed), run or RunOptions()
+    if keys not in KEY_SPACES:
+        raise ValueError(f"keys must be one of {', '.join(KEY_SPACES)}; got {keys!r}")
+    selected = view.resolve_layers(layers)
+    if samples is None:
+        samples = prepare_probe(processor, probe, num_samples=num_samples, seed=seed, prompt=prompt,
+                                progress=run.progress)  # fmt: skip
+    settings = {"probe": probe_description(probe, len(samples), seed), "batch_size": run.batch_size}
+    return KeySpaceRun(samples, selected, options, keys, settings)
+
+
 def key_space_gap(
     model: nn.Module,
     processor: Any,
@@ -340,22 +396,24 @@ def key_space_gap(
     *,
     num_samples: int | None = 100,
     seed: int = 0,
-    batch_size: int = 8,
-    max_samples: int | None = 2000,
-    bandwidth: float | None = None,
-    unbiased: bool = True,
-    pca_dims: int = 2,
-    bins: int | None = None,
-    jsd_base: float = 2.0,
-    clip_quantile: float = 0.01,
-    scatter_layers: Iterable[int] | None = None,
-    scatter_points: int = 300,
-    tsne: bool = False,
-    device: str | torch.device | None = None,
+    batch_size: int = UNSET,
+    max_samples: int | None = UNSET,
+    bandwidth: float | None = UNSET,
+    unbiased: bool = UNSET,
+    pca_dims: int = UNSET,
+    bins: int | None = UNSET,
+    jsd_base: float = UNSET,
+    clip_quantile: float = UNSET,
+    scatter_layers: Iterable[int] | None = UNSET,
+    scatter_points: int = UNSET,
+    tsne: bool = UNSET,
+    device: str | torch.device | None = UNSET,
     prompt: str | None = None,
     keys: str = "k_proj",
-    progress: bool = True,
+    progress: bool = UNSET,
     accelerator: Any = None,
+    options: KeySpaceOptions | None = None,
+    run: RunOptions | None = None,
 ) -> KeySpaceResult | None:
     """Key-space gap of ``model`` over a probe set (default: the built-in probe).
 
@@ -366,18 +424,18 @@ def key_space_gap(
             :class:`~..probes.encoding.EncodedSample`.
         layers: decoder layers 1..K (negative counts from the end); default all. Layer 0 (the LLM
             input) has no keys.
-        num_samples, seed: probe pairs used (a seeded subset when the probe is larger).
-        batch_size: samples per forward pass.
-        max_samples: keys kept per modality and layer, a seeded uniform sample of the whole probe
-            (a streaming reservoir, so memory stays bounded); None keeps all.
-        bandwidth, unbiased, pca_dims, bins, jsd_base, clip_quantile: see the module docstring.
-        scatter_layers / scatter_points: layers (default first, middle, last) and points per modality
-            of the 2-D PCA scatter stored in the result.
-        tsne: also a 2-D t-SNE of the scatter points (:func:`tsne_2d`; ``pip install "hf-normalign[tsne]"``).
-        device, prompt: passed to :func:`~..engine.capture`.
+        num_samples, seed: probe pairs used (a seeded subset when the probe is larger); ``seed`` also seeds the
+            key sample unless ``options`` is given (then ``options.seed`` does).
+        max_samples, bandwidth, unbiased, pca_dims, bins, jsd_base, clip_quantile, scatter_layers,
+            scatter_points, tsne: :class:`~..maths.keyspace.KeySpaceOptions` (defaults there): keys kept per
+            modality and layer (a seeded uniform sample of the whole probe; None keeps all), the estimator
+            (module docstring), layers (default first, middle, last) and points of the 2-D PCA scatter, a t-SNE
+            of those points (``pip install "hf-normalign[tsne]"``).
+        batch_size, device, progress: :class:`~..runner.RunOptions` (8, the input embedding's device, on).
+        prompt: passed to :func:`~..probes.encoding.prepare_probe`.
+        options / run: the options as dataclasses; a keyword that is passed overrides its field.
         keys: the key space, ``"k_proj"``, ``"post_norm"`` or ``"post_rope"`` (module docstring);
             ``settings["keys"]`` states what was taken for this model.
-        progress: tqdm progress bars.
         accelerator: an ``accelerate.Accelerator`` of several processes: the probe is split across them and
             the sampled keys merged on the main process (:mod:`..runner`); the others return None.
 
@@ -387,15 +445,14 @@ def key_space_gap(
         >>> r.layers, len(r.mmd2)
         ([1, 2], 2)
     """
-    options = KeySpaceOptions(
-        bandwidth, unbiased, max_samples, pca_dims, bins, jsd_base, clip_quantile,
-        None if scatter_layers is None else tuple(scatter_layers), scatter_points, seed, tsne,
+    view = ModelView.of(model)
+    options = merge_options(
+        KeySpaceOptions, options if options is not None else KeySpaceOptions(seed=seed),
+        bandwidth=bandwidth, unbiased=unbiased, max_samples=max_samples, pca_dims=pca_dims, bins=bins,
+        jsd_base=jsd_base, clip_quantile=clip_quantile, scatter_layers=scatter_layers, scatter_points=scatter_points,
+        tsne=tsne,
     )  # fmt: skip
-    acc = KeySpaceAccumulator(resolve_layers(model, layers), options, keys=keys)
-    samples = prepare_probe(processor, probe, num_samples=num_samples, seed=seed, prompt=prompt, progress=progress)
-    run = RunOptions(batch_size=batch_size, device=device, progress=progress)
-    merged = run_probe(model, processor, samples, acc, run, accelerator=accelerator)
-    if merged is None:  # another process than the main one
-        return None
-    settings = {"probe": probe_description(probe, len(samples), seed), "batch_size": batch_size}
-    return merged.result(num_samples=len(samples), settings=settings)
+    run = merge_options(RunOptions, run, batch_size=batch_size, device=device, progress=progress)
+    prepared = key_space_run(view, processor, probe, layers, num_samples=num_samples, seed=seed, prompt=prompt,
+                             keys=keys, options=options, run=run)  # fmt: skip
+    return prepared.run(view, processor, run, accelerator)

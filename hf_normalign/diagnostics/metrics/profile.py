@@ -44,24 +44,27 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...modeling import get_base_model
-from ...registry import embedding_scale, get_spec
+from ...model_view import ModelView
+from ...registry import embedding_scale
 from ..engine import CaptureBatch
 from ..maths.features import as_features
 from ..maths.norms import adjacent_cosine, norm_stats, norm_summary, token_cosines
-from ..model_facts import resolve_layers
-from ..probes.encoding import prepare_probe, probe_description
-from ..results import Column, Result, Table
-from ..runner import Accumulator, CaptureRequest, RunOptions, run_probe
+from ..options import UNSET, merge_options
+from ..probes.encoding import EncodedSample, prepare_probe, probe_description
+from ..results import Column, Result, Table, first_last, mean
+from ..runner import Accumulator, CaptureRequest, MetricRun, RunOptions
 
 __all__ = [
     "VISION_PATH_STAGES",
     "ModalityProfile",
     "ProfileAccumulator",
+    "ProfileOptions",
+    "ProfileRun",
     "adjacent_cosine",
     "modality_profile",
     "norm_stats",
     "profile_from_features",
+    "profile_run",
     "projector_gain_stats",
 ]
 
@@ -146,6 +149,38 @@ class ModalityProfile(Result):
     def __str__(self) -> str:
         return f"ModalityProfile ({self.num_samples} samples)\n{self.format_table()}"
 
+    def summary(self) -> dict[str, float | None]:
+        """Headline numbers for the report: the vision/text norm ratio at the LLM input and the last layer, the
+        mean update cosines, the vision-path norms and the projector gain (None where not measured)."""
+        out: dict[str, float | None] = {}
+        out["norm_ratio_input"], out["norm_ratio_last"] = first_last(self.norm_ratio, self.layers)
+        out["vision_update_cos_mean"] = mean(self.vision_update_cos) if self.update_layers else None
+        out["text_update_cos_mean"] = mean(self.text_update_cos) if self.update_layers else None
+        out["vision_encoder_norm"] = self.vision_path_norms.get("vision_encoder_output", {}).get("mean")
+        out["projector_output_norm"] = self.vision_path_norms.get("projector_output", {}).get("mean")
+        out["gain_mean_abs"] = self.projector_gain["mean_abs"] if self.projector_gain else None
+        out["gain_mean_abs_to_init"] = self.projector_gain["mean_abs_to_init"] if self.projector_gain else None
+        return out
+
+
+@dataclass(frozen=True)
+class ProfileOptions:
+    """How :func:`modality_profile` measures: ``layers`` (hidden-state numbers 0..K; default all, 0 included) and
+    ``final_norm`` (False, the default: layer K before the final norm, whose RMSNorm rescales every token to about
+    its weight's size and would hide the norm gap at the last layer).
+
+    Example:
+        >>> ProfileOptions(layers=[2, 0])
+        ProfileOptions(layers=(2, 0), final_norm=False)
+    """
+
+    layers: tuple[int, ...] | None = None
+    final_norm: bool = False
+
+    def __post_init__(self) -> None:
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
+
 
 class ProfileAccumulator(Accumulator):
     """Streams batches of per-layer features into a :class:`ModalityProfile`.
@@ -225,8 +260,8 @@ class ProfileAccumulator(Accumulator):
         for stage, norms in other._path.items():
             self._path[stage].extend(norms)
 
-    def attach(self, model: nn.Module, samples: Sequence[Any]) -> contextlib.AbstractContextManager[None]:
-        return _projector_hooks(model, self) if self.vision_path else contextlib.nullcontext()
+    def attach(self, view: ModelView, samples: Sequence[Any]) -> contextlib.AbstractContextManager[None]:
+        return _projector_hooks(view, self) if self.vision_path else contextlib.nullcontext()
 
     def result(self, *, num_samples: int | None = None, settings: dict[str, Any] | None = None) -> ModalityProfile:
         """The profile of everything added so far; ValueError when a modality has no tokens."""
@@ -305,7 +340,7 @@ def projector_gain_stats(model: nn.Module) -> dict[str, Any] | None:
         >>> round(stats["mean_abs_to_init"], 6), round(stats["l2_to_init"], 6)
         (1.0, 1.0)
     """
-    base = get_base_model(model)
+    base = ModelView.of(model).base
     plugin = getattr(base, "normalign", None)
     norms = getattr(plugin, "projector_norm", None)
     if norms is None:
@@ -332,15 +367,13 @@ def projector_gain_stats(model: nn.Module) -> dict[str, Any] | None:
 
 
 @contextlib.contextmanager
-def _projector_hooks(model: nn.Module, acc: ProfileAccumulator) -> Iterator[None]:
+def _projector_hooks(view: ModelView, acc: ProfileAccumulator) -> Iterator[None]:
     """Per-row norms of the main projector's input and output into ``acc``, by plain hooks (nothing changed).
 
     The output hook runs ahead of every other forward hook of the projector (``prepend``), so it sees the
     projector's own output, before hf-normalign's LayerNorm hook replaces it.
     """
-    base = get_base_model(model)
-    spec = get_spec(base)
-    projector = spec.get(base, spec.projector)
+    projector = view.projector
 
     def before(module: nn.Module, args: tuple, kwargs: dict) -> None:
         first = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
@@ -360,6 +393,53 @@ def _projector_hooks(model: nn.Module, acc: ProfileAccumulator) -> Iterator[None
             h.remove()
 
 
+class ProfileRun(MetricRun):
+    """:func:`modality_profile` prepared for one model and probe (:class:`~..runner.MetricRun`)."""
+
+    name = "profile"
+
+    def __init__(self, view: ModelView, samples: list[EncodedSample], options: ProfileOptions, settings: dict) -> None:
+        self.view, self.samples, self.options, self.settings = view, samples, options, settings
+        self.layers = view.resolve_layers(options.layers, include_embeddings=options.layers is None)
+
+    def accumulator(self) -> ProfileAccumulator:
+        return ProfileAccumulator(self.layers, final_norm=self.options.final_norm, vision_path=True)
+
+    def finish(self, merged: ProfileAccumulator) -> ModalityProfile:
+        profile = merged.result(num_samples=len(self.samples), settings=self.settings)
+        profile.projector_gain = projector_gain_stats(self.view)
+        return profile
+
+
+def profile_run(
+    model: nn.Module | ModelView,
+    processor: Any,
+    probe: Any = None,
+    *,
+    num_samples: int | None = 100,
+    seed: int = 0,
+    prompt: str | None = None,
+    options: ProfileOptions | None = None,
+    run: RunOptions | None = None,
+    samples: list[EncodedSample] | None = None,
+) -> ProfileRun:
+    """The profile prepared, not run: the probe encoded, the layers resolved (arguments: :func:`modality_profile`);
+    give it to :func:`~..runner.run_metrics` to share a probe pass with other metrics.
+    ``samples``: the probe already encoded (``prepare_probe(processor, probe, num_samples=..., seed=...,
+    prompt=...)``), to share one encoding (and so one pass) between metrics.
+    """
+    view, options, run = ModelView.of(model), options or ProfileOptions(), run or RunOptions()
+    if samples is None:
+        samples = prepare_probe(processor, probe, num_samples=num_samples, seed=seed, prompt=prompt,
+                                progress=run.progress)  # fmt: skip
+    settings = {
+        "final_norm": options.final_norm,
+        "probe": probe_description(probe, len(samples), seed),
+        "batch_size": run.batch_size,
+    }
+    return ProfileRun(view, samples, options, settings)
+
+
 def modality_profile(
     model: nn.Module,
     processor: Any,
@@ -367,13 +447,15 @@ def modality_profile(
     *,
     num_samples: int | None = 100,
     seed: int = 0,
-    layers: Iterable[int] | None = None,
-    batch_size: int = 8,
-    final_norm: bool = False,
-    device: str | torch.device | None = None,
+    layers: Iterable[int] | None = UNSET,
+    batch_size: int = UNSET,
+    final_norm: bool = UNSET,
+    device: str | torch.device | None = UNSET,
     prompt: str | None = None,
-    progress: bool = True,
+    progress: bool = UNSET,
     accelerator: Any = None,
+    options: ProfileOptions | None = None,
+    run: RunOptions | None = None,
 ) -> ModalityProfile | None:
     """Norm and update-rate profile of ``model`` over a probe set (default: the built-in probe).
 
@@ -384,14 +466,12 @@ def modality_profile(
             :class:`~..probes.encoding.EncodedSample`.
         num_samples: pairs drawn (seeded) from a :class:`~..probes.probe.Probe` / the default probe; None = all.
         seed: seed of that draw.
-        layers: hidden-state numbers, 0 (LLM input) .. K (last decoder layer); default all of them.
-        batch_size: samples per forward pass.
-        final_norm: False (default) reports layer K before the final norm. The final RMSNorm rescales
-            every token to about its weight's size and would hide the norm gap at the last layer.
-        device, prompt: passed to :func:`~..engine.capture`.
-        progress: tqdm progress bars.
+        layers, final_norm: :class:`ProfileOptions` (default: every layer 0..K, layer K before the final norm).
+        batch_size, device, progress: :class:`~..runner.RunOptions` (8, the input embedding's device, on).
+        prompt: passed to :func:`~..probes.encoding.prepare_probe`.
         accelerator: an ``accelerate.Accelerator`` of several processes: the probe is split across them and
             the statistics merged on the main process (:mod:`..runner`); the others return None.
+        options / run: the options as dataclasses; a keyword that is passed overrides its field.
 
     Example:
         >>> from hf_normalign.testing import tiny_model, tiny_processor
@@ -399,18 +479,9 @@ def modality_profile(
         >>> prof.layers, len(prof.vision_update_cos)
         ([0, 1, 2], 2)
     """
-    selected = resolve_layers(model, layers, include_embeddings=layers is None)
-    samples = prepare_probe(processor, probe, num_samples=num_samples, seed=seed, prompt=prompt, progress=progress)
-    acc = ProfileAccumulator(selected, final_norm=final_norm, vision_path=True)
-    run = RunOptions(batch_size=batch_size, device=device, progress=progress)
-    merged = run_probe(model, processor, samples, acc, run, accelerator=accelerator)
-    if merged is None:  # another process than the main one
-        return None
-    settings = {
-        "final_norm": final_norm,
-        "probe": probe_description(probe, len(samples), seed),
-        "batch_size": batch_size,
-    }
-    profile = merged.result(num_samples=len(samples), settings=settings)
-    profile.projector_gain = projector_gain_stats(model)
-    return profile
+    view = ModelView.of(model)
+    options = merge_options(ProfileOptions, options, layers=layers, final_norm=final_norm)
+    run = merge_options(RunOptions, run, batch_size=batch_size, device=device, progress=progress)
+    prepared = profile_run(view, processor, probe, num_samples=num_samples, seed=seed, prompt=prompt,
+                           options=options, run=run)  # fmt: skip
+    return prepared.run(view, processor, run, accelerator)

@@ -16,14 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...modeling import get_base_model
-from ...registry import get_spec
+from ...model_view import ModelView
 from ..maths.degradation import patch_labels_for_grid
 
 __all__ = ["batch_patch_labels", "token_grid"]
 
 
-def token_grid(model: nn.Module, n_tokens: int) -> tuple[int, int, int] | None:
+def token_grid(model: nn.Module | ModelView, n_tokens: int) -> tuple[int, int, int] | None:
     """(first token, rows, cols) of the row-major grid of vision tokens covering the whole image, from the
     family's ``ArchitectureSpec.vision_grid``; None when the layout is unknown.
 
@@ -34,9 +33,9 @@ def token_grid(model: nn.Module, n_tokens: int) -> tuple[int, int, int] | None:
     quadrant (tests/test_degradation.py).
 
     """
-    base = get_base_model(model)
-    if get_spec(base).vision_grid == "overview_tile":
-        vision = base.config.vision_config
+    view = ModelView.of(model)  # a view passes as it is (the degradation run resolves the model once)
+    if view.spec.vision_grid == "overview_tile":
+        vision = view.config.vision_config
         side = int(vision.image_size) // int(vision.patch_size)
         return (0, side, side) if side * side <= n_tokens else None
     side = math.isqrt(n_tokens)

@@ -1,5 +1,6 @@
-"""Probe sets and their encoding: the built-in offline probe and loaders (:mod:`.probe`), the labelled shapes
-probe (:mod:`.shapes`), and turning a probe into model inputs with exact passage positions (:mod:`.encoding`).
+"""Probe sets and their encoding: the probe types and the built-in offline probe (:mod:`.probe`, its images drawn
+by :mod:`.drawing`), loaders of your own pairs (:mod:`.loading`), the labelled shapes probe (:mod:`.shapes`), and
+turning a probe into model inputs with exact passage positions (:mod:`.encoding`).
 
 Example:
     >>> from hf_normalign.diagnostics.probes import default_probe
@@ -19,6 +20,7 @@ from .encoding import (
     probe_description,
     select_text_tokens,
 )
+from .loading import load_probe, probe_from_dataset
 from .probe import (
     DEFAULT_KINDS,
     DEFAULT_PROBE_SIZE,
@@ -27,8 +29,6 @@ from .probe import (
     ProbeSample,
     default_passages,
     default_probe,
-    load_probe,
-    probe_from_dataset,
     sample_indices,
 )
 from .shapes import SHAPE_CLASSES, LabelledProbe, labels_from_names, shapes_probe
