@@ -24,9 +24,7 @@ def _names(paths: Sequence[str]) -> list[str]:
 def _load(source: str, device: str, dtype: str) -> tuple[Any, Any]:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from ..persistence import install
-
-    install()  # aligned checkpoints (normalign_config.json) load patched
+    # `import hf_normalign` has installed the transformers integration: aligned checkpoints load patched.
     model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype, device_map=device)
     return model, AutoProcessor.from_pretrained(source)
 
