@@ -114,6 +114,10 @@ class ModelView:
         return self.spec.get(self.base, self.spec.language_model)
 
     @property
+    def vision_tower(self) -> nn.Module:
+        return self.spec.get(self.base, self.spec.vision_tower)
+
+    @property
     def projector(self) -> nn.Module:
         return self.spec.get(self.base, self.spec.projector)
 

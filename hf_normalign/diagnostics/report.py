@@ -93,12 +93,17 @@ class Report:
 
 
 def _prepared(
-    metrics: Sequence[str], model: Any, processor: Any, probe: Any, degradation_probe: Any, opts: Mapping[str, Any]
+    metrics: Sequence[str],
+    model: Any,
+    processor: Any,
+    probe: Any,
+    degradation_probe: Any,
+    opts: Mapping[str, Any],
+    run: RunOptions,
 ) -> list[MetricRun]:
     """The chosen metrics of one model, prepared; profile, MIR and key-space share one encoding of ``probe`` (so
     :func:`~.runner.run_metrics` runs them in one pass), degradation has its own labelled probe."""
     view = ModelView.of(model)
-    run = RunOptions(batch_size=opts["batch_size"], progress=opts["progress"])
     data = {"num_samples": opts["num_samples"], "seed": opts["seed"], "run": run}
     shared = None
     if any(m in metrics for m in ("profile", "mir", "key_space")):
@@ -196,12 +201,12 @@ def build_report(
     }
     chosen = [m for m in METRICS if m in metrics]
     results: dict[str, dict[str, Any]] = {}
+    run = RunOptions(batch_size=batch_size, progress=progress)
     with tqdm(list(models), desc="report", unit="model", disable=not progress) as bar:
         for name in bar:
             bar.set_postfix_str(name)
             model, processor = models[name]
-            prepared = _prepared(chosen, model, processor, probe, degradation_probe, opts)
-            run = RunOptions(batch_size=batch_size, progress=progress)
+            prepared = _prepared(chosen, model, processor, probe, degradation_probe, opts, run)
             results[name] = run_metrics(model, processor, prepared, run)
     summary = {name: _summary(res) for name, res in results.items()}
 

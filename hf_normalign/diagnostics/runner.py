@@ -361,10 +361,10 @@ def run_metrics(
     run = run or RunOptions()
     groups: list[list[MetricRun]] = []
     for metric in metrics:
-        shares = [
-            g for g in groups if metric.shareable and g[0].shareable and _same_samples(g[0].samples, metric.samples)
-        ]
-        home = shares[0] if shares else None
+        home = next(
+            (g for g in groups if metric.shareable and g[0].shareable and _same_samples(g[0].samples, metric.samples)),
+            None,
+        )
         if home is None:
             groups.append([metric])
         else:

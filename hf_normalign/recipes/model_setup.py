@@ -126,7 +126,7 @@ def setup_stage(model: torch.nn.Module, config: RecipeConfig) -> torch.nn.Module
     view = ModelView.of(model)
     if not peft:
         view.base.requires_grad_(config.stage == 2)
-        view.spec.get(view.base, view.spec.vision_tower).requires_grad_(False)
+        view.vision_tower.requires_grad_(False)
     # After the vision tower: Qwen-VL's projector (model.visual.merger) lives inside it.
     for path in projector_paths(view):
         view.base.get_submodule(path).requires_grad_(True)

@@ -327,16 +327,7 @@ def mir_run(
     prompt=...)``), to share one encoding (and so one pass) between metrics.
     """
     options, run = options or MIROptions(), run or RunOptions()
-    given = {
-        "outliers": options.outliers,
-        "outlier_stats": options.outlier_stats,
-        "outlier_threshold": 3.0 if options.outlier_threshold is None else options.outlier_threshold,
-        "text_scale": options.text_scale,
-        "final_norm": options.final_norm,
-        "log_base": options.log_base,
-        "include_embeddings": options.include_embeddings,
-    }
-    text_tokens, prompt = _apply_preset(options.preset, given, options.text_tokens, prompt, processor, probe)
+    text_tokens, prompt = _apply_preset(options, prompt, processor, probe)
     view = ModelView.of(model)
     selected = view.resolve_layers(options.layers, include_embeddings=options.include_embeddings)
     if samples is None:
@@ -452,10 +443,9 @@ def mir(
     return prepared.run(view, processor, run, accelerator)
 
 
-def _apply_preset(
-    preset: str | None, given: dict[str, Any], text_tokens: str | None, prompt: str | None, processor: Any, probe: Any
-) -> tuple[str, str | None]:
-    """(text_tokens, prompt) after ``preset``; ``ValueError`` for a preset value the caller overrode."""
+def _apply_preset(options: MIROptions, prompt: str | None, processor: Any, probe: Any) -> tuple[str, str | None]:
+    """(text_tokens, prompt) after ``options.preset``; ``ValueError`` for a preset value the caller overrode."""
+    preset, text_tokens = options.preset, options.text_tokens
     if preset is None:
         text_tokens = "passage" if text_tokens is None else text_tokens
         if text_tokens not in TEXT_TOKENS:
@@ -463,6 +453,9 @@ def _apply_preset(
         return text_tokens, prompt
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; valid: {', '.join(PRESETS)}")
+    given = {k: getattr(options, k) for k in _REFERENCE_FIXED}
+    if given["outlier_threshold"] is None:  # the default: 3 standard deviations, as the reference
+        given["outlier_threshold"] = 3.0
     clashes = [f"{k}={given[k]!r}" for k, v in _REFERENCE_FIXED.items() if given[k] != v]
     if prompt is not None:
         clashes.append("prompt")
